@@ -1,0 +1,129 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * Hot-standby selection for a SO_REUSEPORT group.
+ *
+ * Loaded as BPF_SK_REUSEPORT_SELECT_OR_MIGRATE, so the kernel asks it both
+ * where a new connection goes and where the requests queued on a closing
+ * listener go.  Both questions get the same answer: a live primary, else a
+ * live standby, else the parking listener, else the kernel's own hash.
+ */
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <bpf/bpf_helpers.h>
+#include "standby.h"
+
+struct {
+	__uint(type, BPF_MAP_TYPE_REUSEPORT_SOCKARRAY);
+	__uint(max_entries, RS_NR_SLOTS);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} rs_slots SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct rs_config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} rs_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, RS_NR_COUNTERS);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} rs_counters SEC(".maps");
+
+static __always_inline void count(__u32 idx)
+{
+	__u64 *c = bpf_map_lookup_elem(&rs_counters, &idx);
+
+	if (c)
+		*c += 1;
+}
+
+/* Try the live slots of one role, starting at a hash-chosen slot and probing
+ * forward past the ones the kernel emptied when their socket closed.
+ * Returns 0 when a socket was selected. */
+static __always_inline int select_role(struct sk_reuseport_md *md, __u32 role,
+				       __u32 span, __u32 hash)
+{
+	__u32 base = role * RS_SLOTS_PER_ROLE;
+	__u32 start, i, key;
+	long err;
+
+	if (span == 0)
+		return -1;
+	if (span > RS_SLOTS_PER_ROLE)
+		span = RS_SLOTS_PER_ROLE;
+	start = hash % span;
+	for (i = 0; i < RS_SLOTS_PER_ROLE; i++) {
+		if (i >= span)
+			break;
+		key = start + i;
+		if (key >= span)
+			key -= span;
+		key += base;
+		err = bpf_sk_select_reuseport(md, &rs_slots, &key, 0);
+		if (err == 0)
+			return 0;
+		/* -ENOENT: empty slot.  Anything else (a socket of another
+		 * group, a closing socket) is worth counting. */
+		if (err != -2)
+			count(RS_CNT_SELECT_ERRORS);
+	}
+	return -1;
+}
+
+SEC("sk_reuseport/migrate")
+int rs_select_or_migrate(struct sk_reuseport_md *md)
+{
+	__u32 zero = 0, first, second, key;
+	struct rs_config *cfg;
+	int migrating;
+	__u32 hash = md->hash;
+
+	if (md->ip_protocol != IPPROTO_TCP)
+		return SK_PASS;
+
+	migrating = md->migrating_sk != 0;
+	cfg = bpf_map_lookup_elem(&rs_config, &zero);
+	if (!cfg)
+		return SK_PASS;
+
+	first = RS_ROLE_PRIMARY;
+	second = RS_ROLE_STANDBY;
+	if (cfg->standby_weight && hash % 100 < cfg->standby_weight) {
+		first = RS_ROLE_STANDBY;
+		second = RS_ROLE_PRIMARY;
+	}
+
+	if (select_role(md, first, cfg->span[first], hash) == 0) {
+		key = first;
+		goto selected;
+	}
+	if (select_role(md, second, cfg->span[second], hash) == 0) {
+		key = second;
+		goto selected;
+	}
+	key = RS_PARKING_SLOT;
+	if (bpf_sk_select_reuseport(md, &rs_slots, &key, 0) == 0) {
+		count(migrating ? RS_CNT_MIGRATED_PARKED : RS_CNT_PARKED);
+		return SK_PASS;
+	}
+	/* Nothing of ours is live: let the kernel hash over the group rather
+	 * than refuse the connection. */
+	count(migrating ? RS_CNT_MIGRATE_FELL_BACK : RS_CNT_FELL_BACK);
+	return SK_PASS;
+
+selected:
+	if (key == RS_ROLE_PRIMARY)
+		count(migrating ? RS_CNT_MIGRATED_PRIMARY : RS_CNT_SELECTED_PRIMARY);
+	else
+		count(migrating ? RS_CNT_MIGRATED_STANDBY : RS_CNT_SELECTED_STANDBY);
+	return SK_PASS;
+}
+
+char _license[] SEC("license") = "Dual BSD/GPL";

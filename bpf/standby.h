@@ -1,0 +1,55 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Layout shared by the BPF program and user space.
+ *
+ * reuseport_standby/layout.py mirrors every constant here; the test suite
+ * parses this file and fails if the two disagree.  Changing the layout
+ * changes the pinned maps' shape: bump RS_LAYOUT_VERSION so the loader
+ * refuses to mix versions instead of misreading old pins.
+ */
+#ifndef RS_STANDBY_H
+#define RS_STANDBY_H
+
+#define RS_LAYOUT_VERSION 1
+
+/* Slots per role.  Two instances of one role overlap during a restart, and a
+ * later per-worker scope gives every worker its own slot, so leave room. */
+#define RS_SLOTS_PER_ROLE 32
+
+#define RS_ROLE_PRIMARY 0
+#define RS_ROLE_STANDBY 1
+#define RS_NR_ROLES 2
+
+/* Slot index layout of the sockarray:
+ *   [0, 32)   primary slots
+ *   [32, 64)  standby slots
+ *   64        parking slot (the supervisor's anchor listener) */
+#define RS_PARKING_SLOT (RS_SLOTS_PER_ROLE * RS_NR_ROLES)
+#define RS_NR_SLOTS (RS_PARKING_SLOT + 1)
+
+/* Counter indices of the per-CPU counter array. */
+#define RS_CNT_SELECTED_PRIMARY 0
+#define RS_CNT_SELECTED_STANDBY 1
+#define RS_CNT_PARKED 2
+#define RS_CNT_MIGRATED_PRIMARY 3
+#define RS_CNT_MIGRATED_STANDBY 4
+#define RS_CNT_MIGRATED_PARKED 5
+#define RS_CNT_FELL_BACK 6
+#define RS_CNT_MIGRATE_FELL_BACK 7
+#define RS_CNT_SELECT_ERRORS 8 /* per failed probe other than an empty slot */
+#define RS_NR_COUNTERS 9
+
+/* The single entry of the config array, written only by user space. */
+struct rs_config {
+	/* Slots [base, base + span[role]) of a role may be live; the program
+	 * probes only those.  User space raises span when it fills a slot and
+	 * lowers it when the top slots are empty. */
+	__u32 span[RS_NR_ROLES];
+	/* 0..100: share of new connections (by 4-tuple hash) offered to the
+	 * standby first while both roles are live.  0 = pure hot standby. */
+	__u32 standby_weight;
+	/* Must equal RS_LAYOUT_VERSION once user space has initialised it. */
+	__u32 layout_version;
+};
+
+#endif

@@ -1,0 +1,365 @@
+"""Load, pin and re-adopt the selection program and its maps.
+
+One *group* is one listening address (one kernel reuseport group).  Each
+group gets its own copy of the program and maps, pinned under
+``<pin_root>/<service>/<address>/``, so slots of different addresses can
+never be confused (the kernel refuses to select a socket of another group).
+
+Pinned maps outlive every process: a restarted supervisor re-opens them
+and finds the slots exactly as the kernel kept them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import platform
+import socket
+import struct
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from . import libbpf as _libbpf
+from .errors import BpfUnavailable, IncompatiblePins, PermissionProblem
+from .layout import CONFIG_SIZE, LAYOUT_VERSION, NR_COUNTERS, NR_SLOTS, Config, Counter
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PIN_ROOT = "/sys/fs/bpf/reuseport_standby"
+BPFFS_MAGIC = 0xCAFE4A11
+SO_ATTACH_REUSEPORT_EBPF = 52
+SO_COOKIE = 57
+PROG_NAME = "rs_select_or_migrate"
+MAP_NAMES = ("rs_slots", "rs_config", "rs_counters")
+MIGRATE_MIN_KERNEL = (5, 14)
+
+
+def packaged_object() -> Path:
+    """Path of the BPF object shipped inside the package."""
+    return Path(str(resources.files("reuseport_standby") / "_bpf" / "standby.bpf.o"))
+
+
+def kernel_version() -> tuple[int, int]:
+    parts = platform.release().split(".")
+    try:
+        return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+    except (IndexError, ValueError):
+        return (0, 0)
+
+
+def socket_cookie(sock: socket.socket | int) -> int:
+    """The kernel's stable identity of a socket, as a sockarray lookup reports it."""
+    s = sock if isinstance(sock, socket.socket) else socket.socket(fileno=os.dup(sock))
+    try:
+        return struct.unpack("=Q", s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
+    finally:
+        if s is not sock:
+            s.close()
+
+
+def _statfs_type(path: str) -> int | None:
+    class _StatFs(ctypes.Structure):
+        _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 112)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = _StatFs()
+    if libc.statfs(path.encode(), ctypes.byref(buf)) != 0:
+        return None
+    return buf.f_type & 0xFFFFFFFF
+
+
+def check_bpffs(pin_root: str, *, mount: bool = False) -> None:
+    """Make sure ``pin_root`` lies on a bpf filesystem, mounting it if asked."""
+    probe = Path(pin_root)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if _statfs_type(str(probe)) == BPFFS_MAGIC:
+        return
+    bpffs = "/sys/fs/bpf"
+    if mount and pin_root.startswith(bpffs) and _statfs_type(bpffs) != BPFFS_MAGIC:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mount(b"bpf", bpffs.encode(), b"bpf", 0, None) == 0:
+            log.info("mounted bpffs at %s", bpffs)
+            return
+        err = ctypes.get_errno()
+        raise PermissionProblem(f"could not mount bpffs at {bpffs}: {os.strerror(err)}; run 'mount -t bpf bpf {bpffs}' as root")
+    raise BpfUnavailable(
+        f"{pin_root} is not on a bpf filesystem, so the program and maps cannot be pinned. "
+        f"Mount it: 'mount -t bpf bpf /sys/fs/bpf' (as root; add it to /etc/fstab or use "
+        f"systemd's sys-fs-bpf.mount), or pass --mount-bpffs to let the supervisor do it."
+    )
+
+
+@dataclass(frozen=True)
+class Counters:
+    """Sum over CPUs of the program's counters."""
+
+    values: dict[Counter, int]
+
+    def __getitem__(self, key: Counter) -> int:
+        return self.values[key]
+
+    def as_dict(self) -> dict[str, int]:
+        return {c.name.lower(): v for c, v in self.values.items()}
+
+
+class Group:
+    """The program and maps of one reuseport group (one address), pinned.
+
+    Holds fds to the program and maps, never to any listening socket.
+    """
+
+    def __init__(self, pin_dir: Path, prog_fd: int, map_fds: dict[str, int], migrate: bool, lib: _libbpf.LibBpf) -> None:
+        self.pin_dir = pin_dir
+        self.prog_fd = prog_fd
+        self._fds = map_fds
+        self.migrate = migrate
+        self._lib = lib
+        self._ncpus = _possible_cpus()
+
+    # -- opening ------------------------------------------------------------
+    @classmethod
+    def open(cls, pin_dir: str | os.PathLike[str], *, migrate: bool | None = None, obj_path: str | os.PathLike[str] | None = None,
+             mount_bpffs: bool = False) -> "Group":
+        """Load the packaged program, reuse or create the pinned maps, pin the program.
+
+        ``migrate=None`` picks SELECT_OR_MIGRATE where the kernel has it
+        (5.14+) and degrades to SELECT with a warning elsewhere;
+        ``migrate=False`` forces plain SELECT (the published demo design, kept
+        for comparisons).
+        """
+        lib = _libbpf.load()
+        pin_dir = Path(pin_dir)
+        check_bpffs(str(pin_dir), mount=mount_bpffs)
+        try:
+            pin_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except PermissionError as exc:
+            raise PermissionProblem(f"cannot create pin directory {pin_dir}: {exc.strerror}; run as root or give this user write access") from exc
+        if migrate is None:
+            migrate = kernel_version() >= MIGRATE_MIN_KERNEL
+            if not migrate:
+                log.warning(
+                    "kernel %s is older than 5.14: no listener migration; queued connections of a closing "
+                    "instance will be reset. Upgrade the kernel for lossless restarts.", platform.release())
+        obj_path = str(obj_path or packaged_object())
+        prog_fd, map_fds = _load(lib, obj_path, pin_dir, migrate)
+        group = cls(pin_dir, prog_fd, map_fds, migrate, lib)
+        group._check_layout()
+        group._pin_program()
+        return group
+
+    def _check_layout(self) -> None:
+        info = self._lib.map_info(self._fds["rs_slots"])
+        cfg = self.read_config_raw()
+        if info.max_entries != NR_SLOTS or (cfg.layout_version not in (0, LAYOUT_VERSION)):
+            raise IncompatiblePins(
+                f"the maps pinned at {self.pin_dir} have another layout (slots={info.max_entries}, "
+                f"version={cfg.layout_version}); stop this service's instances and supervisor, remove "
+                f"{self.pin_dir} and start again")
+        if cfg.layout_version == 0:
+            self.write_config(Config())
+
+    def _pin_program(self) -> None:
+        """Pin our program, replacing a pinned one whose tag (code) differs.
+
+        The tag does not cover the expected attach type, so the pin's name
+        does: ``prog_migrate`` or ``prog_select``.
+        """
+        path = self.pin_dir / prog_pin_name(self.migrate)
+        other = self.pin_dir / prog_pin_name(not self.migrate)
+        if other.exists():
+            other.unlink()
+            self.replaced_program = True
+        new_tag = self.prog_tag
+        try:
+            old_fd = self._lib.obj_get(str(path))
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            self._lib.obj_pin(self.prog_fd, str(path))
+            return
+        old_tag = bytes(self._lib.prog_info(old_fd).tag).hex()
+        if old_tag == new_tag:
+            os.close(self.prog_fd)
+            self.prog_fd = old_fd
+            return
+        os.close(old_fd)
+        path.unlink()
+        self._lib.obj_pin(self.prog_fd, str(path))
+        self.replaced_program = True
+        log.info("pinned program at %s had tag %s; replaced by %s", path, old_tag, new_tag)
+
+    #: True when opening replaced a pinned program of other code or attach type.
+    replaced_program = False
+
+    def close(self) -> None:
+        for fd in [self.prog_fd, *self._fds.values()]:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds = {}
+        self.prog_fd = -1
+
+    def __enter__(self) -> "Group":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- program --------------------------------------------------------------
+    @property
+    def prog_info(self) -> _libbpf.ProgInfo:
+        return self._lib.prog_info(self.prog_fd)
+
+    @property
+    def prog_tag(self) -> str:
+        return bytes(self.prog_info.tag).hex()
+
+    def attach(self, sock: socket.socket) -> None:
+        """Attach the program to the group of a listening socket.
+
+        Must be called on a socket that already listens: attaching before
+        listen() would make the socket a group of its own.
+        """
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_EBPF, struct.pack("i", self.prog_fd))
+
+    # -- slots ------------------------------------------------------------------
+    def set_slot(self, index: int, sock: socket.socket | int) -> None:
+        """Put a listening socket into a slot; refuses to overwrite a live one."""
+        fd = sock.fileno() if isinstance(sock, socket.socket) else sock
+        key = ctypes.c_uint32(index)
+        val = ctypes.c_uint64(fd)
+        self._lib.check(self._lib.lib.bpf_map_update_elem(self._fds["rs_slots"], ctypes.byref(key), ctypes.byref(val), _libbpf.BPF_NOEXIST),
+                        f"put socket into slot {index}")
+
+    def slot_cookie(self, index: int) -> int | None:
+        key = ctypes.c_uint32(index)
+        val = ctypes.c_uint64(0)
+        rc = self._lib.lib.bpf_map_lookup_elem(self._fds["rs_slots"], ctypes.byref(key), ctypes.byref(val))
+        if rc == -errno.ENOENT:
+            return None
+        self._lib.check(rc, f"read slot {index}")
+        return val.value
+
+    def clear_slot(self, index: int, expect_cookie: int | None = None) -> bool:
+        """Empty a slot; with ``expect_cookie``, only if it still holds that socket.
+
+        The cookie check keeps an old instance's late goodbye from emptying
+        the slot its successor already took.
+        """
+        if expect_cookie is not None and self.slot_cookie(index) != expect_cookie:
+            return False
+        key = ctypes.c_uint32(index)
+        rc = self._lib.lib.bpf_map_delete_elem(self._fds["rs_slots"], ctypes.byref(key))
+        if rc == -errno.ENOENT:
+            return False
+        self._lib.check(rc, f"clear slot {index}")
+        return True
+
+    def slots(self) -> dict[int, int]:
+        """Occupied slots and the cookie of the socket each holds."""
+        out = {}
+        for i in range(NR_SLOTS):
+            cookie = self.slot_cookie(i)
+            if cookie is not None:
+                out[i] = cookie
+        return out
+
+    # -- config -------------------------------------------------------------------
+    def read_config_raw(self) -> Config:
+        key = ctypes.c_uint32(0)
+        buf = ctypes.create_string_buffer(CONFIG_SIZE)
+        self._lib.check(self._lib.lib.bpf_map_lookup_elem(self._fds["rs_config"], ctypes.byref(key), buf), "read config")
+        return Config.unpack(buf.raw)
+
+    def read_config(self) -> Config:
+        return self.read_config_raw()
+
+    def write_config(self, config: Config) -> None:
+        key = ctypes.c_uint32(0)
+        buf = ctypes.create_string_buffer(config.pack(), CONFIG_SIZE)
+        self._lib.check(self._lib.lib.bpf_map_update_elem(self._fds["rs_config"], ctypes.byref(key), buf, _libbpf.BPF_ANY), "write config")
+
+    # -- counters -------------------------------------------------------------------
+    def counters(self) -> Counters:
+        per_cpu = (ctypes.c_uint64 * self._ncpus)()
+        values = {}
+        for c in Counter:
+            key = ctypes.c_uint32(int(c))
+            self._lib.check(self._lib.lib.bpf_map_lookup_elem(self._fds["rs_counters"], ctypes.byref(key), per_cpu), "read counters")
+            values[c] = sum(per_cpu)
+        return Counters(values)
+
+    def reset_counters(self) -> None:
+        zero = (ctypes.c_uint64 * self._ncpus)()
+        for c in Counter:
+            key = ctypes.c_uint32(int(c))
+            self._lib.check(self._lib.lib.bpf_map_update_elem(self._fds["rs_counters"], ctypes.byref(key), zero, _libbpf.BPF_ANY), "reset counters")
+
+
+def _possible_cpus() -> int:
+    """Per-CPU map values have one entry per *possible* CPU, not online one."""
+    try:
+        text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    except OSError:
+        return os.cpu_count() or 1
+    n = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        n = max(n, int(hi or lo) + 1)
+    return n
+
+
+def prog_pin_name(migrate: bool) -> str:
+    return "prog_migrate" if migrate else "prog_select"
+
+
+def _load(lib: _libbpf.LibBpf, obj_path: str, pin_dir: Path, migrate: bool) -> tuple[int, dict[str, int]]:
+    """Open and load the object with maps pinned by name under ``pin_dir``."""
+    logbuf = ctypes.create_string_buffer(64 * 1024)
+    try:
+        obj = lib.open_object(obj_path, str(pin_dir), logbuf)
+    except OSError as exc:
+        raise BpfUnavailable(f"cannot open BPF object {obj_path}: {exc.strerror}") from exc
+    try:
+        prog = lib.lib.bpf_object__find_program_by_name(obj, PROG_NAME.encode())
+        if not prog:
+            raise BpfUnavailable(f"{obj_path} has no program named {PROG_NAME}")
+        attach = _libbpf.BPF_SK_REUSEPORT_SELECT_OR_MIGRATE if migrate else _libbpf.BPF_SK_REUSEPORT_SELECT
+        lib.check(lib.lib.bpf_program__set_expected_attach_type(prog, attach), "set attach type")
+        rc = lib.lib.bpf_object__load(obj)
+        if rc < 0:
+            raise _load_error(-rc, obj_path, pin_dir, logbuf.value.decode(errors="replace"))
+        prog_fd = os.dup(lib.check(lib.lib.bpf_program__fd(prog), "program fd"))
+        map_fds = {}
+        for name in MAP_NAMES:
+            m = lib.lib.bpf_object__find_map_by_name(obj, name.encode())
+            if not m:
+                raise BpfUnavailable(f"{obj_path} has no map named {name}")
+            map_fds[name] = os.dup(lib.check(lib.lib.bpf_map__fd(m), f"{name} fd"))
+        return prog_fd, map_fds
+    finally:
+        lib.lib.bpf_object__close(obj)
+
+
+def _load_error(err: int, obj_path: str, pin_dir: Path, verifier_log: str) -> Exception:
+    if err == errno.EPERM:
+        return PermissionProblem(
+            "the kernel refused to load the BPF program (EPERM): the supervisor needs CAP_BPF and "
+            "CAP_NET_ADMIN (run it as root, or give its systemd unit AmbientCapabilities=CAP_BPF "
+            "CAP_NET_ADMIN), and the locked-memory limit may need raising (LimitMEMLOCK=infinity) on "
+            "kernels before 5.11")
+    if err == errno.EACCES and verifier_log:
+        return BpfUnavailable(f"the verifier rejected {obj_path}:\n{verifier_log[-4000:]}")
+    if err == errno.EINVAL and any((pin_dir / n).exists() for n in MAP_NAMES):
+        return IncompatiblePins(
+            f"the maps pinned at {pin_dir} do not match this version's program ({os.strerror(err)}); "
+            f"stop this service's instances and supervisor, remove {pin_dir}, and start again")
+    if err == errno.EINVAL and kernel_version() < (4, 19):
+        return BpfUnavailable(f"kernel {platform.release()} has no REUSEPORT_SOCKARRAY (needs 4.19+; 5.14+ for migration)")
+    detail = f":\n{verifier_log[-4000:]}" if verifier_log else ""
+    return BpfUnavailable(f"loading {obj_path} failed: {os.strerror(err)}{detail}")

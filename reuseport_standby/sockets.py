@@ -1,0 +1,90 @@
+"""Listening sockets as the reuseport group needs them, and their addresses."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from dataclasses import dataclass
+
+DEFAULT_BACKLOG = 1024
+
+
+@dataclass(frozen=True)
+class Address:
+    """One TCP listening address of a service (one kernel reuseport group)."""
+
+    host: str
+    port: int
+
+    @property
+    def family(self) -> socket.AddressFamily:
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+    @property
+    def group_name(self) -> str:
+        """Name of the group's pin directory (bpffs forbids '.' in names)."""
+        host = f"[{self.host}]" if self.family == socket.AF_INET6 else self.host
+        return f"{host}:{self.port}".replace(".", "_")
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if self.family == socket.AF_INET6 else f"{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Address":
+        """Parse ``HOST:PORT`` or ``[V6HOST]:PORT``; port 0 is refused."""
+        m = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]*):(\d+)", text.strip())
+        if not m:
+            raise ValueError(f"bad address {text!r}: expected HOST:PORT or [IPV6]:PORT")
+        host = m.group(1) or m.group(3) or "0.0.0.0"
+        port = int(m.group(2) or m.group(4))
+        try:
+            host = str(ipaddress.ip_address(host))
+        except ValueError:
+            if host == "localhost":
+                host = "127.0.0.1"
+            else:
+                raise ValueError(f"bad address {text!r}: give a numeric IPv4/IPv6 address (names can resolve differently over time)") from None
+        if not 0 < port < 65536:
+            raise ValueError(
+                f"bad port in {text!r}: must be 1-65535. Port 0 would give every listener its own random "
+                f"port, so a primary and a standby could never share one")
+        return cls(host, port)
+
+
+def create_listener(address: Address, backlog: int = DEFAULT_BACKLOG) -> socket.socket:
+    """A bound, listening, SO_REUSEPORT socket: a member of ``address``'s group."""
+    sock = socket.socket(address.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if address.family == socket.AF_INET6:
+            # v4 and v6 are separate groups; a v6 address serves only v6.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address.host, address.port))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def requeue(listener: socket.socket, backlog: int = DEFAULT_BACKLOG) -> None:
+    """Hand a listener's queue to the rest of its group, and keep listening.
+
+    ``shutdown()`` of a listener makes the kernel migrate its accept queue and
+    half-open requests through the group's program; ``listen()`` again brings
+    the same socket back into the group (its sockarray slot is lost and must
+    be refilled).
+    """
+    listener.shutdown(socket.SHUT_RDWR)
+    listener.listen(backlog)
+
+
+def is_listening_tcp(sock: socket.socket) -> bool:
+    try:
+        return (sock.type == socket.SOCK_STREAM
+                and sock.family in (socket.AF_INET, socket.AF_INET6)
+                and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1)
+    except OSError:
+        return False

@@ -1,0 +1,83 @@
+"""Shared fixtures: kernel availability, per-test pin roots, free ports."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import socket
+import uuid
+from pathlib import Path
+
+import pytest
+
+REQUIRE_KERNEL = os.environ.get("REUSEPORT_STANDBY_REQUIRE_KERNEL") == "1"
+TEST_PIN_BASE = Path("/sys/fs/bpf/reuseport_standby_test")
+
+
+@functools.lru_cache(maxsize=1)
+def kernel_problem() -> str | None:
+    """Why the BPF program cannot run here, or None when it can."""
+    if os.geteuid() != 0:
+        return "kernel tests need root (CAP_BPF, CAP_NET_ADMIN, bpffs write access)"
+    try:
+        from reuseport_standby.loader import Group
+
+        pin = TEST_PIN_BASE / f"probe-{uuid.uuid4().hex[:8]}"
+        with Group.open(pin, mount_bpffs=True):
+            pass
+        remove_pins(pin)
+    except Exception as exc:  # any failure means: no kernel tests here
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def require_kernel() -> None:
+    problem = kernel_problem()
+    if problem is None:
+        return
+    if REQUIRE_KERNEL:
+        pytest.fail(f"REUSEPORT_STANDBY_REQUIRE_KERNEL=1 but the BPF program cannot run: {problem}", pytrace=False)
+    pytest.skip(f"BPF unavailable: {problem}")
+
+
+def remove_pins(path: Path) -> None:
+    """Unlink pins bottom-up (bpffs has no recursive rmdir)."""
+    if not path.exists():
+        return
+    for root, dirs, files in os.walk(path, topdown=False):
+        for f in files:
+            os.unlink(os.path.join(root, f))
+        for d in dirs:
+            os.rmdir(os.path.join(root, d))
+    os.rmdir(path)
+
+
+@pytest.fixture
+def kernel() -> None:
+    require_kernel()
+
+
+@pytest.fixture
+def pin_root(kernel: None) -> "Path":
+    """A service-level pin root of this test's own, removed afterwards."""
+    root = TEST_PIN_BASE / uuid.uuid4().hex[:12]
+    yield root
+    remove_pins(root)
+
+
+def free_port(family: socket.AddressFamily = socket.AF_INET) -> int:
+    host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if TEST_PIN_BASE.exists():
+        shutil.rmtree(TEST_PIN_BASE, ignore_errors=True)

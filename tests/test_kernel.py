@@ -1,0 +1,302 @@
+"""The selection program in the running kernel, with real sockets and clients."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port
+from netutil import accept_pending, collect, open_clients, serve
+from reuseport_standby.layout import PARKING_SLOT, Config, Counter, Role
+from reuseport_standby.loader import Group, socket_cookie
+from reuseport_standby.sockets import Address, create_listener, requeue
+
+P0 = Role.PRIMARY.slot_range[0]
+S0 = Role.STANDBY.slot_range[0]
+N = 64
+
+
+@pytest.fixture(params=["ipv4", "ipv6"])
+def address(request: pytest.FixtureRequest, kernel: None) -> Address:
+    if request.param == "ipv6":
+        return Address("::1", free_port(socket.AF_INET6))
+    return Address("127.0.0.1", free_port())
+
+
+def open_group(pin_root: Path, address: Address, migrate: bool = True) -> Group:
+    return Group.open(pin_root / address.group_name, migrate=migrate)
+
+
+def activate(group: Group, slot: int, sock: socket.socket) -> None:
+    """Slot a socket and widen the role's span to cover it, as the supervisor does."""
+    group.set_slot(slot, sock)
+    cfg = group.read_config()
+    group.write_config(Config(
+        primary_span=max(cfg.primary_span, slot + 1) if slot < S0 else cfg.primary_span,
+        standby_span=max(cfg.standby_span, slot - S0 + 1) if S0 <= slot < PARKING_SLOT else cfg.standby_span,
+        standby_weight=cfg.standby_weight,
+    ))
+
+
+def target(address: Address) -> tuple[str, int]:
+    return (address.host, address.port)
+
+
+def test_primary_takes_every_new_connection(pin_root: Path, address: Address) -> None:
+    with open_group(pin_root, address) as g:
+        primary, standby = create_listener(address), create_listener(address)
+        g.attach(primary)
+        activate(g, P0, primary)
+        activate(g, S0, standby)
+        clients = open_clients(target(address), N, address.family)
+        assert serve(primary, limit=N) == N
+        assert accept_pending(standby) == 0
+        assert collect(clients).answered == N
+        c = g.counters()
+        assert c[Counter.SELECTED_PRIMARY] == N and c[Counter.SELECTED_STANDBY] == 0
+
+
+def test_failover_to_standby_and_back(pin_root: Path, address: Address) -> None:
+    with open_group(pin_root, address) as g:
+        primary, standby = create_listener(address), create_listener(address)
+        g.attach(standby)
+        activate(g, P0, primary)
+        activate(g, S0, standby)
+        primary.close()
+        assert g.slot_cookie(P0) is None, "the kernel empties the slot of a closed socket"
+        clients = open_clients(target(address), 20, address.family)
+        assert serve(standby, limit=20) == 20
+        assert collect(clients).answered == 20
+
+        primary = create_listener(address)
+        activate(g, P0, primary)
+        clients = open_clients(target(address), 20, address.family)
+        assert serve(primary, limit=20) == 20
+        assert accept_pending(standby) == 0
+        assert collect(clients).answered == 20
+        c = g.counters()
+        assert (c[Counter.SELECTED_PRIMARY], c[Counter.SELECTED_STANDBY]) == (20, 20)
+        primary.close()
+        standby.close()
+
+
+def _kill_owner(primary: socket.socket) -> None:
+    """Give the only fd of ``primary`` to a child process and SIGKILL the child."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], pass_fds=[primary.fileno()])
+    primary.close()
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=10)
+
+
+ENDINGS = {
+    "close": lambda s: s.close(),
+    "shutdown": lambda s: s.shutdown(socket.SHUT_RDWR),
+    "sigkill": _kill_owner,
+}
+
+
+@pytest.mark.parametrize("ending", sorted(ENDINGS))
+@pytest.mark.parametrize("migrate", [True, False], ids=["select_or_migrate", "plain_select"])
+def test_queue_of_dying_primary(pin_root: Path, address: Address, ending: str, migrate: bool) -> None:
+    """N connections wait, unaccepted, in the primary's queue when it dies.
+
+    With SELECT_OR_MIGRATE the standby answers every one; the same program
+    loaded as plain SELECT (the published demo design) resets every one.
+    """
+    with open_group(pin_root, address, migrate=migrate) as g:
+        assert g.migrate is migrate
+        primary, standby = create_listener(address), create_listener(address)
+        g.attach(standby)
+        activate(g, P0, primary)
+        activate(g, S0, standby)
+        clients = open_clients(target(address), N, address.family)
+        ENDINGS[ending](primary)
+        answered = serve(standby, limit=N, timeout=3 if migrate else 1)
+        outcome = collect(clients)
+        if migrate:
+            assert (answered, outcome.answered, outcome.failures) == (N, N, {})
+            assert g.counters()[Counter.MIGRATED_STANDBY] == N
+        else:
+            assert answered == 0
+            assert outcome.answered == 0 and outcome.failures.get("reset", 0) + outcome.failures.get("eof", 0) == N
+        standby.close()
+        if ending == "shutdown":
+            primary.close()
+
+
+def test_dying_primary_prefers_its_role_mate(pin_root: Path, address: Address) -> None:
+    """During a primary restart overlap, the old primary's queue goes to the new primary, not the standby."""
+    with open_group(pin_root, address) as g:
+        old, new, standby = (create_listener(address) for _ in range(3))
+        g.attach(standby)
+        activate(g, P0, old)
+        activate(g, S0, standby)
+        clients = open_clients(target(address), N, address.family)
+        activate(g, P0 + 1, new)
+        old.close()
+        assert serve(new, limit=N) == N
+        assert accept_pending(standby) == 0
+        assert collect(clients).answered == N
+        assert g.counters()[Counter.MIGRATED_PRIMARY] == N
+        new.close()
+        standby.close()
+
+
+def test_parking_holds_connections_until_an_instance_appears(pin_root: Path, address: Address) -> None:
+    with open_group(pin_root, address) as g:
+        anchor = create_listener(address)
+        g.attach(anchor)
+        g.set_slot(PARKING_SLOT, anchor)
+        clients = open_clients(target(address), 30, address.family)
+        assert g.counters()[Counter.PARKED] == 30
+
+        primary = create_listener(address)
+        activate(g, P0, primary)
+        requeue(anchor)
+        g.set_slot(PARKING_SLOT, anchor)
+        assert serve(primary, limit=30) == 30
+        assert accept_pending(anchor) == 0
+        assert collect(clients).answered == 30
+        c = g.counters()
+        assert (c[Counter.MIGRATED_PRIMARY], c[Counter.FELL_BACK]) == (30, 0)
+        # Parking stays in service: with the primary gone, new connections park again.
+        primary.close()
+        clients = open_clients(target(address), 5, address.family)
+        assert g.counters()[Counter.PARKED] == 35
+        assert accept_pending(anchor) == 5
+        anchor.close()
+        for c in clients:
+            c.close()
+
+
+def test_standby_started_before_primary(pin_root: Path, address: Address) -> None:
+    with open_group(pin_root, address) as g:
+        standby = create_listener(address)
+        g.attach(standby)
+        activate(g, S0, standby)
+        clients = open_clients(target(address), 10, address.family)
+        assert serve(standby, limit=10) == 10
+        collect(clients)
+        primary = create_listener(address)
+        activate(g, P0, primary)
+        clients = open_clients(target(address), 10, address.family)
+        assert serve(primary, limit=10) == 10
+        assert accept_pending(standby) == 0
+        assert collect(clients).answered == 10
+        primary.close()
+        standby.close()
+
+
+def test_group_recreated_after_every_socket_closed(pin_root: Path, address: Address) -> None:
+    with open_group(pin_root, address) as g:
+        first = create_listener(address)
+        g.attach(first)
+        activate(g, P0, first)
+        first.close()  # the group, and the program attached to it, are gone
+        assert g.slots() == {}
+        primary, standby = create_listener(address), create_listener(address)
+        g.attach(primary)
+        activate(g, P0, primary)
+        activate(g, S0, standby)
+        clients = open_clients(target(address), N, address.family)
+        primary.close()
+        assert serve(standby, limit=N) == N
+        assert collect(clients).answered == N
+        standby.close()
+
+
+def test_slot_refuses_overwrite_and_cookie_guards_clear(pin_root: Path, address: Address) -> None:
+    with open_group(pin_root, address) as g:
+        a, b = create_listener(address), create_listener(address)
+        g.attach(a)
+        g.set_slot(P0, a)
+        with pytest.raises(OSError):
+            g.set_slot(P0, b)  # a live slot is never overwritten
+        with pytest.raises(OSError):
+            g.set_slot(P0 + 1, a)  # a socket lives in one slot only
+        assert g.slot_cookie(P0) == socket_cookie(a)
+        assert not g.clear_slot(P0, expect_cookie=socket_cookie(b))
+        assert g.slot_cookie(P0) == socket_cookie(a)
+        assert g.clear_slot(P0, expect_cookie=socket_cookie(a))
+        assert g.slot_cookie(P0) is None
+        a.close()
+        b.close()
+
+
+def test_pinned_state_outlives_loader_and_is_readopted(pin_root: Path, address: Address) -> None:
+    pin = pin_root / address.group_name
+    code = (
+        "import sys; from reuseport_standby.loader import Group; from reuseport_standby.layout import Config\n"
+        "g = Group.open(sys.argv[1]); g.write_config(Config(primary_span=3, standby_weight=7))\n"
+        "print(g.prog_info.id, g._lib.map_info(g._fds['rs_slots']).id)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(pin)], check=True, capture_output=True, text=True,
+                         cwd=Path(__file__).parent.parent).stdout.split()
+    prog_id, slots_id = int(out[0]), int(out[1])
+    with Group.open(pin) as g:
+        assert g.prog_info.id == prog_id, "the pinned program is re-adopted, not duplicated"
+        assert g._lib.map_info(g._fds["rs_slots"]).id == slots_id
+        assert g.read_config() == Config(primary_span=3, standby_weight=7)
+        assert sorted(os.listdir(pin)) == ["prog_migrate", "rs_config", "rs_counters", "rs_slots"]
+        assert not g.replaced_program
+    # Switching to plain SELECT replaces the pinned program rather than mixing.
+    with Group.open(pin, migrate=False) as g:
+        assert g.replaced_program
+        assert sorted(os.listdir(pin)) == ["prog_select", "rs_config", "rs_counters", "rs_slots"]
+
+
+def test_non_tcp_traffic_passes_untouched(pin_root: Path, kernel: None) -> None:
+    address = Address("127.0.0.1", free_port())
+    with open_group(pin_root, address) as g:
+        socks = []
+        for _ in range(2):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            s.bind(target(address))
+            socks.append(s)
+        g.attach(socks[0])
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+            for i in range(20):
+                tx.sendto(b"x", target(address))
+        got = 0
+        for s in socks:
+            s.setblocking(False)
+            try:
+                while s.recv(10):
+                    got += 1
+            except BlockingIOError:
+                pass
+            s.close()
+        assert got == 20
+        assert sum(g.counters().values.values()) == 0
+
+
+def test_counters_match_the_traffic(pin_root: Path, kernel: None) -> None:
+    address = Address("127.0.0.1", free_port())
+    with open_group(pin_root, address) as g:
+        anchor, primary, standby = (create_listener(address) for _ in range(3))
+        g.attach(anchor)
+        g.set_slot(PARKING_SLOT, anchor)
+        parked = open_clients(target(address), 3, address.family)
+        activate(g, S0, standby)
+        to_standby = open_clients(target(address), 5, address.family)
+        activate(g, P0, primary)
+        to_primary = open_clients(target(address), 7, address.family)
+        primary.close()   # 7 queued: migrate to the standby
+        standby.close()   # 5 + 7 queued: migrate to parking
+        c = g.counters().as_dict()
+        assert c == {
+            "selected_primary": 7, "selected_standby": 5, "parked": 3,
+            "migrated_primary": 0, "migrated_standby": 7, "migrated_parked": 12,
+            "fell_back": 0, "migrate_fell_back": 0, "select_errors": 0,
+        }
+        assert accept_pending(anchor) == 15
+        anchor.close()
+        for c in parked + to_standby + to_primary:
+            c.close()
