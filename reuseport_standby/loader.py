@@ -151,6 +151,27 @@ class Group:
         group._pin_program()
         return group
 
+    @classmethod
+    def adopt(cls, pin_dir: str | os.PathLike[str]) -> "Group":
+        """Open what is pinned at ``pin_dir`` without loading anything (for ``status``)."""
+        lib = _libbpf.load()
+        pin_dir = Path(pin_dir)
+        fds: dict[str, int] = {}
+        try:
+            for name in MAP_NAMES:
+                fds[name] = lib.obj_get(str(pin_dir / name))
+            for migrate in (True, False):
+                path = pin_dir / prog_pin_name(migrate)
+                if path.exists():
+                    return cls(pin_dir, lib.obj_get(str(path)), fds, migrate, lib)
+            return cls(pin_dir, -1, fds, True, lib)
+        except OSError as exc:
+            for fd in fds.values():
+                os.close(fd)
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise PermissionProblem(f"no permission to read the pins at {pin_dir}: run as root, or ask the supervisor over its control socket") from exc
+            raise
+
     def _check_layout(self) -> None:
         info = self._lib.map_info(self._fds["rs_slots"])
         cfg = self.read_config_raw()
@@ -197,10 +218,8 @@ class Group:
 
     def close(self) -> None:
         for fd in [self.prog_fd, *self._fds.values()]:
-            try:
+            if fd >= 0:
                 os.close(fd)
-            except OSError:
-                pass
         self._fds = {}
         self.prog_fd = -1
 
@@ -214,6 +233,10 @@ class Group:
     @property
     def prog_info(self) -> _libbpf.ProgInfo:
         return self._lib.prog_info(self.prog_fd)
+
+    @property
+    def map_ids(self) -> dict[str, int]:
+        return {name: self._lib.map_info(fd).id for name, fd in self._fds.items()}
 
     @property
     def prog_tag(self) -> str:

@@ -81,3 +81,22 @@ def port() -> int:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if TEST_PIN_BASE.exists():
         shutil.rmtree(TEST_PIN_BASE, ignore_errors=True)
+
+
+@pytest.fixture
+def supervisor(pin_root: Path, tmp_path: Path):
+    """Factory: start a real supervisor for a fresh service on free loopback port(s)."""
+    from procs import SupervisorProc
+
+    started: list[SupervisorProc] = []
+
+    def start(*, binds: list[str] | None = None, extra: list[str] | None = None) -> SupervisorProc:
+        service = f"t{uuid.uuid4().hex[:10]}"
+        sup = SupervisorProc(service=service, binds=binds or [f"127.0.0.1:{free_port()}"],
+                             control=str(tmp_path / f"{service}.sock"), pin_root=pin_root, extra=extra or [])
+        started.append(sup.start())
+        return sup
+
+    yield start
+    for sup in started:
+        sup.stop()

@@ -234,14 +234,14 @@ def test_pinned_state_outlives_loader_and_is_readopted(pin_root: Path, address: 
     code = (
         "import sys; from reuseport_standby.loader import Group; from reuseport_standby.layout import Config\n"
         "g = Group.open(sys.argv[1]); g.write_config(Config(primary_span=3, standby_weight=7))\n"
-        "print(g.prog_info.id, g._lib.map_info(g._fds['rs_slots']).id)\n"
+        "print(g.prog_info.id, g.map_ids['rs_slots'])\n"
     )
     out = subprocess.run([sys.executable, "-c", code, str(pin)], check=True, capture_output=True, text=True,
                          cwd=Path(__file__).parent.parent).stdout.split()
     prog_id, slots_id = int(out[0]), int(out[1])
     with Group.open(pin) as g:
         assert g.prog_info.id == prog_id, "the pinned program is re-adopted, not duplicated"
-        assert g._lib.map_info(g._fds["rs_slots"]).id == slots_id
+        assert g.map_ids["rs_slots"] == slots_id
         assert g.read_config() == Config(primary_span=3, standby_weight=7)
         assert sorted(os.listdir(pin)) == ["prog_migrate", "rs_config", "rs_counters", "rs_slots"]
         assert not g.replaced_program

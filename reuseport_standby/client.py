@@ -1,0 +1,281 @@
+"""The instance side of the control protocol, used by the integrations.
+
+An instance (a gunicorn master, a uvicorn process) calls :meth:`InstanceClient.open`
+to receive its listeners, :meth:`~InstanceClient.ready` once it can serve, and
+:meth:`~InstanceClient.stop` before it starts shutting down.  If the
+supervisor restarts in between, a background thread reconnects and
+re-announces the instance's sockets, so the app never notices.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import threading
+import time
+import weakref
+from typing import Any
+
+from . import protocol
+from .errors import ProtocolError, SupervisorUnavailable
+from .layout import Role
+from .sockets import Address
+
+log = logging.getLogger(__name__)
+
+_live_clients: "weakref.WeakSet[InstanceClient]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_live_clients):
+        client._forget_inherited()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def connect(path: str, timeout: float = 0.0) -> socket.socket:
+    """Connect to a supervisor's control socket, waiting up to ``timeout`` for it to appear."""
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.connect(path)
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            sock.close()
+            if time.monotonic() + delay > deadline:
+                raise SupervisorUnavailable(
+                    f"no supervisor answers at {path} ({exc.strerror}). Start one with "
+                    f"'reuseport-standby supervise --service NAME --bind HOST:PORT', or point "
+                    f"REUSEPORT_STANDBY_CONTROL at its socket") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+        except PermissionError:
+            sock.close()
+            raise SupervisorUnavailable(
+                f"no permission to connect to {path}: run the app as a member of the supervisor's --group") from None
+
+
+def request(sock: socket.socket, msg: dict[str, Any], fds: list[int] | None = None,
+            timeout: float = 10.0) -> tuple[dict[str, Any], list[socket.socket]]:
+    """Send one request and wait for its reply (and the sockets it carries)."""
+    protocol.send(sock, msg, fds)
+    r, _, _ = select.select([sock], [], [], timeout)
+    if not r:
+        raise SupervisorUnavailable(f"the supervisor did not answer '{msg.get('op')}' within {timeout:.0f} s")
+    raw, got, _ = protocol.recv(sock)
+    socks = [socket.socket(fileno=fd) for fd in got]
+    if not raw:
+        for s in socks:
+            s.close()
+        raise SupervisorUnavailable("the supervisor closed the control connection")
+    try:
+        return protocol.parse_reply(raw), socks
+    except ProtocolError:
+        for s in socks:
+            s.close()
+        raise
+
+
+def query(service: str = protocol.DEFAULT_SERVICE, op: str = "status", control: str | None = None,
+          timeout: float = 5.0) -> dict[str, Any]:
+    """One-shot request to a supervisor (``status``, ``ping``)."""
+    with connect(protocol.control_path(service, control)) as sock:
+        reply, socks = request(sock, {"op": op}, timeout=timeout)
+        for s in socks:
+            s.close()
+        return reply
+
+
+class InstanceClient:
+    """One app instance's link to the supervisor of its service."""
+
+    def __init__(self, role: Role | str, service: str = protocol.DEFAULT_SERVICE, *, control: str | None = None,
+                 name: str = "", connect_timeout: float = 30.0, reconnect: bool = True) -> None:
+        self.role = role if isinstance(role, Role) else Role.parse(role)
+        self.service = protocol.check_service(service)
+        self.control_path = protocol.control_path(service, control)
+        self.name = name
+        self.connect_timeout = connect_timeout
+        self.reconnect = reconnect
+        self.addresses: list[Address] = []
+        self.instance_id: int | None = None
+        self.state = "new"  # new -> pending -> active -> stopped
+        self._conn: socket.socket | None = None
+        self._keep: list[socket.socket] = []  # our dups, to re-announce to a restarted supervisor
+        self._lock = threading.RLock()
+        self._watcher: threading.Thread | None = None
+        self._pid = os.getpid()
+        _live_clients.add(self)
+
+    # -- public API -----------------------------------------------------------------
+    def open(self) -> list[socket.socket]:
+        """Register with the supervisor and receive one listening socket per address.
+
+        The caller owns the returned sockets; the client keeps duplicates only
+        to re-announce them if the supervisor restarts.
+        """
+        with self._lock:
+            if self.state != "new":
+                raise RuntimeError(f"open() called twice (state {self.state})")
+            conn = connect(self.control_path, self.connect_timeout)
+            try:
+                reply, socks = request(conn, {"op": "hello", "role": self.role.value, "pid": os.getpid(), "name": self.name})
+            except BaseException:
+                conn.close()
+                raise
+            self.addresses = [Address.parse(a) for a in reply["addresses"]]
+            if len(socks) != len(self.addresses):
+                conn.close()
+                raise ProtocolError("fd_mismatch", f"supervisor sent {len(socks)} sockets for {len(self.addresses)} addresses")
+            self.instance_id = reply.get("instance")
+            self._conn = conn
+            self._keep = [s.dup() for s in socks]
+            for s in self._keep:
+                os.set_inheritable(s.fileno(), False)
+            self.state = "pending"
+            if self.reconnect:
+                self._watcher = threading.Thread(target=self._watch, name="reuseport-standby-control", daemon=True)
+                self._watcher.start()
+            log.info("reuseport-standby: %s instance %s got %s", self.role.value, self.instance_id,
+                     ", ".join(map(str, self.addresses)))
+            return socks
+
+    def ready(self) -> dict[str, Any]:
+        """Ask to be put into the slots of this instance's role: new connections start arriving."""
+        with self._lock:
+            if self.state == "active":
+                return {"ok": True, "state": "active"}
+            if self.state != "pending":
+                raise RuntimeError(f"ready() in state {self.state}")
+            reply = self._request({"op": "ready"})
+            self.state = "active"
+            log.info("reuseport-standby: %s instance %s active in slots %s", self.role.value, self.instance_id,
+                     reply.get("slots"))
+            return reply
+
+    def stop(self) -> None:
+        """Leave the slots at once (no new connections arrive), keep serving what was accepted.
+
+        Safe to call more than once and from signal handlers' deferred work;
+        never raises for a supervisor that is gone: the kernel still
+        migrates this instance's queue when its listeners close.
+        """
+        with self._lock:
+            if self.state in ("stopped", "inherited"):
+                return
+            was = self.state
+            self.state = "stopped"
+            try:
+                if self._conn is not None and was in ("pending", "active"):
+                    self._request({"op": "stop"}, retry=False)
+            except (OSError, ProtocolError, SupervisorUnavailable) as exc:
+                log.warning("reuseport-standby: could not tell the supervisor to stop routing here (%s); "
+                            "connections still queued when this instance closes its listeners will be migrated", exc)
+            self._close_keep()
+            log.info("reuseport-standby: %s instance %s stopped taking new connections", self.role.value, self.instance_id)
+
+    def close(self) -> None:
+        """Stop and drop the control connection."""
+        self.stop()
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    # -- internals --------------------------------------------------------------------
+    def _request(self, msg: dict[str, Any], retry: bool = True) -> dict[str, Any]:
+        if self._conn is None:
+            raise SupervisorUnavailable("not connected to the supervisor")
+        try:
+            reply, socks = request(self._conn, msg)
+        except (SupervisorUnavailable, OSError):
+            if not (retry and self.reconnect):
+                raise
+            self._reconnect(deadline=time.monotonic() + self.connect_timeout)
+            reply, socks = request(self._conn, msg)
+        for s in socks:
+            s.close()
+        return reply
+
+    def _watch(self) -> None:
+        """Notice a supervisor that went away, and re-announce to the next one."""
+        while True:
+            conn = self._conn
+            if conn is None or self.state in ("stopped", "inherited"):
+                return
+            try:
+                p = select.poll()
+                p.register(conn, select.POLLRDHUP)
+                events = p.poll(1000)
+            except (ValueError, OSError):
+                events = [(0, select.POLLHUP)]
+            if not any(ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) for _, ev in events):
+                continue
+            with self._lock:
+                if self._conn is not conn or self.state in ("stopped", "inherited"):
+                    continue
+                try:
+                    self._reconnect(deadline=None)
+                except Exception as exc:  # keep watching; the app must not die of this
+                    log.error("reuseport-standby: re-announcing to the supervisor failed: %s", exc)
+                    time.sleep(1)
+
+    def _reconnect(self, deadline: float | None) -> None:
+        """Reconnect and re-announce our sockets (``readopt``); must hold the lock."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        log.warning("reuseport-standby: lost the supervisor at %s; reconnecting", self.control_path)
+        delay = 0.05
+        while True:
+            if self.state in ("stopped", "inherited"):
+                return
+            try:
+                conn = connect(self.control_path)
+                reply, socks = request(conn, {"op": "readopt", "role": self.role.value, "pid": os.getpid(),
+                                              "name": self.name, "active": self.state == "active"},
+                                       [s.fileno() for s in self._keep])
+                for s in socks:
+                    s.close()
+                self._conn = conn
+                self.instance_id = reply.get("instance")
+                log.info("reuseport-standby: re-announced to the supervisor as instance %s (%s)",
+                         self.instance_id, reply.get("state"))
+                return
+            except (SupervisorUnavailable, OSError) as exc:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise SupervisorUnavailable(f"supervisor did not come back: {exc}") from exc
+            except ProtocolError as exc:
+                log.error("reuseport-standby: the restarted supervisor refused this instance: %s", exc)
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    def _close_keep(self) -> None:
+        for s in self._keep:
+            s.close()
+        self._keep = []
+
+    def _forget_inherited(self) -> None:
+        """In a forked child: drop the copies of our fds without telling anyone.
+
+        A worker must not hold the master's control connection (its death
+        would then go unnoticed) nor the master's spare listener copies.
+        """
+        if os.getpid() == self._pid:
+            return
+        for s in [self._conn, *self._keep]:
+            if s is not None:
+                try:
+                    os.close(s.detach())
+                except OSError:
+                    pass
+        self._conn = None
+        self._keep = []
+        self.state = "inherited"
+        self._lock = threading.RLock()

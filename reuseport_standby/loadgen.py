@@ -1,0 +1,196 @@
+"""A bounded HTTP load client that counts every failure by kind.
+
+Used by the demo, the tests and the benchmark: a fixed number of threads,
+each opening a new TCP connection per request (the case restarts hurt
+most), for at most ``duration`` seconds and ``max_requests`` requests.
+It only ever targets the address it is given; callers keep that on
+loopback or in a network namespace they created.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LoadResult:
+    ok: int = 0
+    failures: Counter[str] = field(default_factory=Counter)
+    max_latency: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    elapsed: float = 0.0
+
+    @property
+    def total(self) -> int:
+        return self.ok + sum(self.failures.values())
+
+    @property
+    def failed(self) -> int:
+        return sum(self.failures.values())
+
+    def percentile(self, q: float) -> float:
+        if not self.latencies:
+            return 0.0
+        xs = sorted(self.latencies)
+        return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+    def summary(self) -> str:
+        fails = ", ".join(f"{k} {v}" for k, v in sorted(self.failures.items())) or "none"
+        rate = self.total / self.elapsed if self.elapsed else 0.0
+        return (f"{self.total} requests in {self.elapsed:.1f} s ({rate:.0f}/s): {self.ok} ok, failed: {fails}; "
+                f"p50 {self.percentile(0.5) * 1000:.1f} ms, p99 {self.percentile(0.99) * 1000:.1f} ms, "
+                f"max {self.max_latency * 1000:.0f} ms")
+
+
+def one_request(host: str, port: int, path: str = "/", timeout: float = 5.0,
+                sock: socket.socket | None = None) -> tuple[str, socket.socket | None]:
+    """One HTTP/1.1 request; returns ("ok" | failure kind, reusable socket or None)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    keep = sock is not None
+    try:
+        if sock is None:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect((host, port))
+            except ConnectionRefusedError:
+                sock.close()
+                return "refused", None
+        conn_hdr = "keep-alive" if keep else "close"
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: {conn_hdr}\r\n\r\n".encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                sock.close()
+                return ("eof" if not data else "truncated"), None
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        status_line = head.split(b"\r\n", 1)[0].split()
+        length = None
+        for line in head.split(b"\r\n")[1:]:
+            k, _, v = line.partition(b":")
+            if k.strip().lower() == b"content-length":
+                length = int(v.strip())
+        if length is not None:
+            while len(body) < length:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    sock.close()
+                    return "truncated", None
+                body += chunk
+        code = int(status_line[1]) if len(status_line) > 1 else 0
+        reusable = keep and length is not None and b"connection: close" not in head.lower()
+        if not reusable:
+            sock.close()
+            sock = None
+        return ("ok" if 200 <= code < 300 else f"http_{code}"), sock
+    except ConnectionResetError:
+        sock.close()  # type: ignore[union-attr]
+        return "reset", None
+    except socket.timeout:
+        sock.close()  # type: ignore[union-attr]
+        return "timeout", None
+    except OSError as exc:
+        if sock is not None:
+            sock.close()
+        return type(exc).__name__, None
+
+
+class Load:
+    """Run load in background threads: ``with Load(...) as load: ...; result = load.result``."""
+
+    def __init__(self, host: str, port: int, *, concurrency: int = 8, duration: float = 10.0,
+                 max_requests: int = 200_000, path: str = "/", keepalive: bool = False, timeout: float = 5.0,
+                 record_latencies: bool = True) -> None:
+        self.host, self.port, self.path = host, port, path
+        self.concurrency = concurrency
+        self.duration = duration
+        self.max_requests = max_requests
+        self.keepalive = keepalive
+        self.timeout = timeout
+        self.record = record_latencies
+        self.result = LoadResult()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._issued = 0
+
+    def _take(self) -> bool:
+        with self._lock:
+            if self._issued >= self.max_requests:
+                return False
+            self._issued += 1
+            return True
+
+    def _record(self, kind: str, dt: float) -> None:
+        with self._lock:
+            if kind == "ok":
+                self.result.ok += 1
+            else:
+                self.result.failures[kind] += 1
+            self.result.max_latency = max(self.result.max_latency, dt)
+            if self.record:
+                self.result.latencies.append(dt)
+
+    def _connect(self) -> tuple[socket.socket | None, str]:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        try:
+            s.connect((self.host, self.port))
+            return s, "ok"
+        except ConnectionRefusedError:
+            s.close()
+            return None, "refused"
+        except socket.timeout:
+            s.close()
+            return None, "timeout"
+        except OSError as exc:
+            s.close()
+            return None, type(exc).__name__
+
+    def _worker(self) -> None:
+        deadline = self._start + self.duration
+        sock: socket.socket | None = None
+        while not self._stop.is_set() and time.monotonic() < deadline and self._take():
+            t0 = time.monotonic()
+            if self.keepalive and sock is None:
+                sock, kind = self._connect()
+                if sock is None:
+                    self._record(kind, time.monotonic() - t0)
+                    continue
+            kind, sock = one_request(self.host, self.port, self.path, self.timeout, sock)
+            self._record(kind, time.monotonic() - t0)
+        if sock is not None:
+            sock.close()
+
+    def start(self) -> "Load":
+        self._start = time.monotonic()
+        for i in range(self.concurrency):
+            t = threading.Thread(target=self._worker, name=f"load-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def stop(self) -> LoadResult:
+        self._stop.set()
+        for t in self._threads:
+            t.join(self.timeout + 5)
+        self.result.elapsed = time.monotonic() - self._start
+        return self.result
+
+    def wait(self) -> LoadResult:
+        for t in self._threads:
+            t.join(self.duration + self.timeout + 5)
+        return self.stop()
+
+    def __enter__(self) -> "Load":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

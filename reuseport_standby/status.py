@@ -1,0 +1,64 @@
+"""``reuseport-standby status``: what the supervisor, or failing that the pins, say."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from . import client, diag, protocol
+from .errors import SupervisorUnavailable
+from .loader import DEFAULT_PIN_ROOT, Group
+from .sockets import Address
+from .supervisor import address_status
+
+
+def collect(service: str, control: str | None = None, pin_root: str = DEFAULT_PIN_ROOT) -> dict[str, Any]:
+    try:
+        return {"source": "supervisor", **client.query(service, "status", control)["status"]}
+    except SupervisorUnavailable as exc:
+        return offline(service, pin_root, reason=str(exc))
+
+
+def offline(service: str, pin_root: str, reason: str) -> dict[str, Any]:
+    """Read the pinned maps directly: traffic may well be flowing without a supervisor."""
+    base = Path(pin_root) / protocol.check_service(service)
+    if not base.is_dir():
+        raise SupervisorUnavailable(f"{reason}; and nothing is pinned for service {service!r} at {base}")
+    queues = diag.listeners()
+    addresses = []
+    for pin in sorted(base.iterdir()):
+        address = Address.parse(pin.name.replace("_", "."))
+        with Group.adopt(pin) as group:
+            addresses.append(address_status(address, group, queues))
+    return {"source": "pins", "service": service, "supervisor": None, "supervisor_error": reason,
+            "addresses": addresses, "instances": []}
+
+
+def render(st: dict[str, Any]) -> str:
+    lines = [f"service {st['service']}"]
+    sup = st.get("supervisor")
+    if sup:
+        lines.append(f"  supervisor pid {sup['pid']}, up {sup['uptime_s']} s, control {sup['control']}")
+    else:
+        lines.append(f"  supervisor NOT RUNNING ({st.get('supervisor_error')}); state read from pins")
+    for inst in st.get("instances", []):
+        slots = ", ".join(f"{a} slot {s}" for a, s in inst["slots"].items()) or "no slots"
+        queues = ", ".join(f"{a} queue {q['queued']}" for a, q in inst["queues"].items())
+        lines.append(f"  instance {inst['id']}: {inst['role']} pid {inst['pid']} {inst['state']} ({slots}; {queues})"
+                     + (f" [{inst['name']}]" if inst.get("name") else ""))
+    for a in st["addresses"]:
+        park = a["parking"]
+        lines.append(f"  {a['address']}  mode {a['mode']}  prog {a['prog_id']}  spans p={a['spans']['primary']} "
+                     f"s={a['spans']['standby']}  weight {a['standby_weight']}")
+        lines.append(f"    parking: {'slotted' if park['slotted'] else 'EMPTY'}, queued {park['queued']}")
+        for s in a["slots"]:
+            owner = f"instance {s['instance']}" if s.get("instance") else "unclaimed"
+            lines.append(f"    slot {s['slot']:>2} {s['role']:<7} {owner:<12} queued {s['queued']}/{s['backlog']}")
+        counters = "  ".join(f"{k}={v}" for k, v in a["counters"].items())
+        lines.append(f"    counters: {counters}")
+    return "\n".join(lines)
+
+
+def dumps(st: dict[str, Any]) -> str:
+    return json.dumps(st, indent=2, sort_keys=True)

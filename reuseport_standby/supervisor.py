@@ -1,0 +1,617 @@
+"""The supervisor: owns the program, the maps and the addresses; brokers listeners.
+
+It is the only privileged process.  It creates every listening socket (so
+all members of a group share its uid, which the kernel requires), hands one
+per address to each instance over the control socket, and puts an
+instance's sockets into slots of its role only once the instance says it
+is ready.  After activation it keeps no fd of an instance socket: the
+instance's exit must close the socket, which is what empties the slot and
+migrates the queue.
+
+Crash safety comes from the kernel: the group and its program live as long
+as any member socket, and the maps are pinned.  A restarted supervisor
+re-opens the pins and finds the slots as the kernel kept them; instances
+reconnect and re-announce their sockets (``readopt``).
+"""
+
+from __future__ import annotations
+
+import grp
+import itertools
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import diag, protocol
+from .errors import ProtocolError, ReuseportStandbyError, SlotsFull
+from .layout import PARKING_SLOT, Config, Role
+from .loader import DEFAULT_PIN_ROOT, Group, socket_cookie
+from .sockets import DEFAULT_BACKLOG, Address, create_listener, is_listening_tcp, requeue
+
+log = logging.getLogger(__name__)
+
+PENDING, ACTIVE, DRAINING = "pending", "active", "draining"
+
+
+@dataclass
+class Instance:
+    """One connected app instance (a gunicorn master, a uvicorn process...)."""
+
+    id: int
+    conn: socket.socket
+    pid: int
+    uid: int
+    role: Role | None = None
+    name: str = ""
+    state: str = PENDING
+    since: float = field(default_factory=time.time)
+    pending: dict[Address, socket.socket] = field(default_factory=dict)  # our copies, until activation
+    cookies: dict[Address, int] = field(default_factory=dict)
+    slots: dict[Address, int] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return f"instance {self.id} ({self.role.value if self.role else '?'}, pid {self.pid}{', ' + self.name if self.name else ''})"
+
+
+@dataclass
+class AddressState:
+    address: Address
+    group: Group
+    anchor: socket.socket
+
+
+class Supervisor:
+    """Brokers one service's listeners; run with :meth:`serve_forever`."""
+
+    def __init__(
+        self,
+        service: str,
+        addresses: list[Address],
+        *,
+        control: str | None = None,
+        backlog: int = DEFAULT_BACKLOG,
+        group: str | None = None,
+        pin_root: str = DEFAULT_PIN_ROOT,
+        migrate: bool | None = None,
+        mount_bpffs: bool = False,
+    ) -> None:
+        if not addresses:
+            raise ValueError("a service needs at least one --bind address")
+        if len(set(addresses)) != len(addresses):
+            raise ValueError("the same address is given twice")
+        self.service = protocol.check_service(service)
+        self.addresses = list(addresses)
+        self.control_path = protocol.control_path(service, control)
+        self.backlog = backlog
+        self.group_name = group
+        self.gid = _resolve_group(group) if group else None
+        self.pin_dir = Path(pin_root) / service
+        self.migrate = migrate
+        self.mount_bpffs = mount_bpffs
+        self.states: dict[Address, AddressState] = {}
+        self.instances: dict[int, Instance] = {}  # by control fd
+        self._ids = itertools.count(1)
+        self._sel = selectors.DefaultSelector()
+        self._server: socket.socket | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._stopping = False
+        self.started_at = 0.0
+
+    # -- life cycle ---------------------------------------------------------------
+    def start(self) -> None:
+        """Load or re-adopt the pinned program and maps, open anchors, listen for instances."""
+        t0 = time.monotonic()
+        try:
+            for address in self.addresses:
+                self.states[address] = self._open_address(address)
+            self._server = self._bind_control()
+        except BaseException:
+            self.close()
+            raise
+        self._sel.register(self._server, selectors.EVENT_READ, ("accept", None))
+        for st in self.states.values():
+            self._release_parked(st)
+        self._wake_r.setblocking(False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+        self.started_at = time.time()
+        log.info("service %s ready on %s (control %s, %s, %.1f ms)", self.service,
+                 ", ".join(map(str, self.addresses)), self.control_path,
+                 "select-or-migrate" if self._migrating else "plain select (no migration)",
+                 (time.monotonic() - t0) * 1000)
+
+    @property
+    def _migrating(self) -> bool:
+        return all(s.group.migrate for s in self.states.values())
+
+    def _open_address(self, address: Address) -> AddressState:
+        group = Group.open(self.pin_dir / address.group_name, migrate=self.migrate, mount_bpffs=self.mount_bpffs)
+        try:
+            anchor = create_listener(address, self.backlog)
+        except OSError as exc:
+            group.close()
+            raise ReuseportStandbyError(
+                f"cannot listen on {address}: {exc.strerror}. "
+                + ("Another process holds this port without SO_REUSEPORT, or as another user; stop it first."
+                   if exc.errno == 98 else
+                   "Binding a port below 1024 needs CAP_NET_BIND_SERVICE." if exc.errno == 13 else "")) from exc
+        # Attach after listen(): attaching first would make the anchor a group of its own.
+        group.attach(anchor)
+        self._fill_parking(group, anchor)
+        orphans = {i: c for i, c in group.slots().items() if i != PARKING_SLOT}
+        if orphans:
+            log.info("%s: re-adopted %d live slot(s) from before this supervisor started: %s",
+                     address, len(orphans), sorted(orphans))
+        self._update_spans(group)
+        st = AddressState(address, group, anchor)
+        return st
+
+    def _fill_parking(self, group: Group, anchor: socket.socket) -> None:
+        group.clear_slot(PARKING_SLOT)
+        group.set_slot(PARKING_SLOT, anchor)
+
+    def _bind_control(self) -> socket.socket:
+        path = self.control_path
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        if os.path.exists(path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # stale: nobody listens
+            else:
+                raise ReuseportStandbyError(
+                    f"another supervisor already serves {path}; stop it first or pass another --control path")
+            finally:
+                probe.close()
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        old_umask = os.umask(0o117)
+        try:
+            server.bind(path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o660)
+        if self.gid is not None:
+            os.chown(path, -1, self.gid)
+        server.listen(64)
+        server.setblocking(False)
+        return server
+
+    def stop(self) -> None:
+        """Ask :meth:`serve_forever` to return (safe from signal handlers and threads)."""
+        self._stopping = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Stop brokering; traffic keeps flowing through the instances' sockets."""
+        for inst in list(self.instances.values()):
+            self._close_pending(inst)
+            self._unregister(inst)
+        if self._server is not None:
+            if self._server.fileno() in self._sel.get_map():
+                self._sel.unregister(self._server)
+            self._server.close()
+            self._server = None
+            try:
+                os.unlink(self.control_path)
+            except FileNotFoundError:
+                pass
+        for st in self.states.values():
+            # Closing the anchor migrates anything parked to a live instance.
+            self._watch_anchor(st, False)
+            st.anchor.close()
+            st.group.close()
+        self.states.clear()
+        self._sel.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def serve_forever(self, *, install_signals: bool = True, notify: bool = True) -> None:
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stop())
+        if notify:
+            sd_notify("READY=1\nSTATUS=serving " + ", ".join(map(str, self.addresses)))
+        while not self._stopping:
+            self.step(1.0)
+        log.info("service %s: supervisor stopping; instances keep serving", self.service)
+        if notify:
+            sd_notify("STOPPING=1")
+
+    def step(self, timeout: float | None) -> None:
+        for key, _ in self._sel.select(timeout):
+            kind, inst = key.data
+            if kind == "accept":
+                self._accept()
+            elif kind == "wake":
+                try:
+                    self._wake_r.recv(64)
+                except BlockingIOError:
+                    pass
+            elif kind == "conn":
+                self._on_readable(inst)
+            elif kind == "parked":
+                self._release_parked(inst)
+
+    # -- control connections -----------------------------------------------------
+    def _accept(self) -> None:
+        assert self._server is not None
+        try:
+            conn, _ = self._server.accept()
+        except BlockingIOError:
+            return
+        pid, uid, gid = _peercred(conn)
+        refusal = self._refusal(pid, uid)
+        if refusal:
+            log.warning("refused control connection from pid %d uid %d: %s", pid, uid, refusal)
+            try:
+                protocol.send(conn, protocol.error_reply("forbidden", refusal))
+            except OSError:
+                pass
+            conn.close()
+            return
+        inst = Instance(id=next(self._ids), conn=conn, pid=pid, uid=uid)
+        self.instances[conn.fileno()] = inst
+        self._sel.register(conn, selectors.EVENT_READ, ("conn", inst))
+
+    def _refusal(self, pid: int, uid: int) -> str | None:
+        if uid == 0 or uid == os.geteuid():
+            return None
+        if self.gid is not None and self.gid in _process_groups(pid):
+            return None
+        who = f"uid {uid}"
+        group = f"group {self.group_name!r}" if self.group_name else "the supervisor's --group (none set)"
+        return (f"{who} may not control service {self.service}: only root, the supervisor's own user, or "
+                f"members of {group} may. Add the app's user to that group, or start the supervisor with --group.")
+
+    def _on_readable(self, inst: Instance) -> None:
+        try:
+            raw, fds, truncated = protocol.recv(inst.conn)
+        except (ConnectionResetError, OSError):
+            raw, fds, truncated = b"", [], False
+        if not raw and not fds and not truncated:
+            self._disconnected(inst)
+            return
+        socks = [socket.socket(fileno=fd) for fd in fds]
+        try:
+            if truncated:
+                raise ProtocolError("too_large", f"message exceeds {protocol.MAX_MESSAGE} bytes or {protocol.MAX_FDS} fds")
+            req = protocol.parse_request(raw, len(socks))
+            reply, out_fds = self._handle(inst, req, socks)
+        except ProtocolError as exc:
+            log.warning("%s: %s: %s", inst.describe(), exc.code, exc)
+            reply, out_fds = protocol.error_reply(exc.code, str(exc)), []
+        except ReuseportStandbyError as exc:
+            log.warning("%s: %s", inst.describe(), exc)
+            reply, out_fds = protocol.error_reply(type(exc).__name__, str(exc)), []
+        except OSError as exc:
+            log.exception("%s: request failed", inst.describe())
+            reply, out_fds = protocol.error_reply("os_error", str(exc)), []
+        finally:
+            for s in socks:
+                s.close()  # never keep an fd an instance sent us
+        try:
+            protocol.send(inst.conn, reply, out_fds)
+        except OSError:
+            self._disconnected(inst)
+
+    def _handle(self, inst: Instance, req: protocol.Request, socks: list[socket.socket]) -> tuple[dict[str, Any], list[int]]:
+        if req.op == "ping":
+            return {"ok": True}, []
+        if req.op == "status":
+            return {"ok": True, "status": self.status()}, []
+        if req.op == "hello":
+            return self._hello(inst, req)
+        if req.op == "readopt":
+            return self._readopt(inst, req, socks), []
+        if inst.role is None:
+            raise ProtocolError("no_hello", f"'{req.op}' before 'hello': say who you are first")
+        if req.op == "ready":
+            return self._activate(inst), []
+        if req.op == "stop":
+            self._deactivate(inst, DRAINING)
+            return {"ok": True, "state": inst.state}, []
+        raise ProtocolError("unknown_op", req.op)  # unreachable: parse_request checks
+
+    def _hello(self, inst: Instance, req: protocol.Request) -> tuple[dict[str, Any], list[int]]:
+        if inst.role is not None:
+            raise ProtocolError("already_registered", f"this connection is already {inst.describe()}")
+        assert req.role is not None and req.pid is not None
+        self._check_room(req.role)
+        inst.role, inst.name = req.role, req.name
+        if req.pid != inst.pid:
+            log.debug("instance %d says pid %d; the kernel says %d", inst.id, req.pid, inst.pid)
+        created: list[socket.socket] = []
+        try:
+            for address in self.addresses:
+                created.append(create_listener(address, self.backlog))
+        except OSError as exc:
+            for s in created:
+                s.close()
+            inst.role = None
+            raise ReuseportStandbyError(f"could not create a listener: {exc}") from exc
+        for address, sock in zip(self.addresses, created):
+            inst.pending[address] = sock
+            inst.cookies[address] = socket_cookie(sock)
+        log.info("%s connected; handed out %d listener(s)", inst.describe(), len(created))
+        return ({"ok": True, "instance": inst.id, "addresses": [str(a) for a in self.addresses],
+                 "backlog": self.backlog, "cookies": [inst.cookies[a] for a in self.addresses]},
+                [s.fileno() for s in created])
+
+    def _check_room(self, role: Role) -> None:
+        for st in self.states.values():
+            used = set(st.group.slots()) | self._reserved(st.address)
+            if all(i in used for i in role.slot_range):
+                raise SlotsFull(
+                    f"all {len(role.slot_range)} {role.value} slots of {st.address} are taken; "
+                    f"stop an old {role.value} instance first")
+
+    def _reserved(self, address: Address) -> set[int]:
+        return {i.slots[address] for i in self.instances.values() if address in i.slots}
+
+    def _activate(self, inst: Instance) -> dict[str, Any]:
+        assert inst.role is not None
+        if inst.state == ACTIVE:
+            return {"ok": True, "state": inst.state, "slots": {str(a): s for a, s in inst.slots.items()}}
+        if not inst.pending:
+            raise ProtocolError("no_sockets", "this instance holds no sockets the supervisor can activate "
+                                "(after 'stop' an instance must reconnect to serve again)")
+        for address, sock in inst.pending.items():
+            if not is_listening_tcp(sock):
+                raise ProtocolError("not_listening", f"the {address} socket no longer listens")
+        chosen: dict[Address, int] = {}
+        try:
+            for address, sock in inst.pending.items():
+                st = self.states[address]
+                slot = self._free_slot(st, inst.role)
+                st.group.set_slot(slot, sock)
+                chosen[address] = slot
+        except BaseException:
+            for address, slot in chosen.items():
+                self.states[address].group.clear_slot(slot, inst.cookies[address])
+            raise
+        inst.slots = chosen
+        inst.state = ACTIVE
+        self._close_pending(inst)
+        for address in chosen:
+            st = self.states[address]
+            self._update_spans(st.group)
+            self._release_parked(st)
+        log.info("%s active in slots %s", inst.describe(), {str(a): s for a, s in chosen.items()})
+        return {"ok": True, "state": inst.state, "slots": {str(a): s for a, s in chosen.items()}}
+
+    def _free_slot(self, st: AddressState, role: Role) -> int:
+        used = set(st.group.slots()) | self._reserved(st.address)
+        for i in role.slot_range:
+            if i not in used:
+                return i
+        raise SlotsFull(f"all {role.value} slots of {st.address} are taken")
+
+    def _deactivate(self, inst: Instance, new_state: str) -> None:
+        for address, slot in inst.slots.items():
+            st = self.states[address]
+            if not st.group.clear_slot(slot, inst.cookies[address]):
+                log.debug("%s: slot %d of %s was already empty", inst.describe(), slot, address)
+            self._update_spans(st.group)
+            self._release_parked(st)
+        if inst.slots:
+            log.info("%s deactivated (%s)", inst.describe(), new_state)
+        inst.slots = {}
+        inst.state = new_state
+        self._close_pending(inst)
+
+    def _readopt(self, inst: Instance, req: protocol.Request, socks: list[socket.socket]) -> dict[str, Any]:
+        """An instance that outlived a supervisor comes back with its sockets."""
+        if inst.role is not None:
+            raise ProtocolError("already_registered", f"this connection is already {inst.describe()}")
+        assert req.role is not None
+        if len(socks) != len(self.addresses):
+            raise ProtocolError("address_mismatch", f"sent {len(socks)} sockets; this service has {len(self.addresses)} addresses "
+                                "(the supervisor was restarted with other --bind addresses: restart the instance)")
+        for address, sock in zip(self.addresses, socks):
+            if not is_listening_tcp(sock):
+                raise ProtocolError("not_listening", f"the socket sent for {address} is not a listening TCP socket")
+            local = sock.getsockname()
+            if local[1] != address.port or sock.family != address.family:
+                raise ProtocolError("address_mismatch", f"the socket sent for {address} is bound to {local[0]}:{local[1]}")
+        inst.role, inst.name = req.role, req.name
+        for address, sock in zip(self.addresses, socks):
+            inst.cookies[address] = socket_cookie(sock)
+        if req.active:
+            found: dict[Address, int] = {}
+            for address, sock in zip(self.addresses, socks):
+                st = self.states[address]
+                cookie = inst.cookies[address]
+                slot = next((i for i, c in st.group.slots().items() if c == cookie), None)
+                if slot is None:
+                    slot = self._free_slot(st, req.role)
+                    st.group.set_slot(slot, sock)
+                found[address] = slot
+            inst.slots, inst.state = found, ACTIVE
+            for address in found:
+                self._update_spans(self.states[address].group)
+                self._release_parked(self.states[address])
+        else:
+            # Not yet ready when the old supervisor went away: keep copies until it is.
+            for address, sock in zip(self.addresses, socks):
+                inst.pending[address] = socket.socket(fileno=os.dup(sock.fileno()))
+            inst.state = PENDING
+        log.info("re-adopted %s (%s)", inst.describe(), inst.state)
+        return {"ok": True, "instance": inst.id, "state": inst.state,
+                "slots": {str(a): s for a, s in inst.slots.items()}}
+
+    def _disconnected(self, inst: Instance) -> None:
+        if inst.role is not None:
+            log.info("%s disconnected", inst.describe())
+        self._deactivate(inst, DRAINING)
+        self._unregister(inst)
+
+    def _unregister(self, inst: Instance) -> None:
+        fd = inst.conn.fileno()
+        if fd >= 0 and self.instances.pop(fd, None) is not None:
+            self._sel.unregister(inst.conn)
+        inst.conn.close()
+
+    def _close_pending(self, inst: Instance) -> None:
+        for sock in inst.pending.values():
+            sock.close()
+        inst.pending.clear()
+
+    # -- slots and parking ----------------------------------------------------------
+    def _update_spans(self, group: Group) -> None:
+        occupied = group.slots()
+        cfg = group.read_config()
+        spans = {}
+        for role in Role:
+            live = [i - role.slot_range[0] for i in role.slot_range if i in occupied]
+            spans[role] = max(live) + 1 if live else 0
+        new = Config(primary_span=spans[Role.PRIMARY], standby_span=spans[Role.STANDBY],
+                     standby_weight=cfg.standby_weight)
+        if new != cfg:
+            group.write_config(new)
+
+    def _release_parked(self, st: AddressState) -> None:
+        """Move what waits on the anchor to a live instance, if there is one.
+
+        While some instance slot is live the anchor is watched: a connection
+        that still lands on it (a handshake that began while nothing was
+        live) is passed on at once.  With nothing live it is not watched, or
+        the loop would spin on a readable anchor.
+        """
+        live = any(i != PARKING_SLOT for i in st.group.slots())
+        self._watch_anchor(st, live)
+        if not live:
+            return
+        parked = _queue_depth(st.anchor)
+        if parked:
+            requeue(st.anchor, self.backlog)
+            self._fill_parking(st.group, st.anchor)
+            log.info("%s: handed %d parked connection(s) to the active instance", st.address, parked)
+
+    def _watch_anchor(self, st: AddressState, on: bool) -> None:
+        try:
+            self._sel.get_key(st.anchor)
+            watched = True
+        except KeyError:
+            watched = False
+        if on and not watched:
+            self._sel.register(st.anchor, selectors.EVENT_READ, ("parked", st))
+        elif watched and not on:
+            self._sel.unregister(st.anchor)
+
+    # -- status -------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        queues = _safe_queues()
+        addresses = []
+        for st in self.states.values():
+            addresses.append(address_status(st.address, st.group, queues, parking=socket_cookie(st.anchor),
+                                             owners={inst.cookies[st.address]: inst.id for inst in self.instances.values()
+                                                     if st.address in inst.cookies}))
+        return {
+            "service": self.service,
+            "supervisor": {"pid": os.getpid(), "uptime_s": round(time.time() - self.started_at, 1),
+                           "control": self.control_path, "pin_dir": str(self.pin_dir)},
+            "addresses": addresses,
+            "instances": [
+                {"id": i.id, "role": i.role.value if i.role else None, "pid": i.pid, "uid": i.uid, "name": i.name,
+                 "state": i.state, "since": round(i.since, 3),
+                 "slots": {str(a): s for a, s in i.slots.items()},
+                 "queues": {str(a): _queue_dict(queues.get(c)) for a, c in i.cookies.items()}}
+                for i in self.instances.values() if i.role is not None
+            ],
+        }
+
+
+def address_status(address: Address, group: Group, queues: dict[int, diag.ListenerQueue], *,
+                   parking: int | None = None, owners: dict[int, int] | None = None) -> dict[str, Any]:
+    """What one group's maps and the kernel's queues say; shared by live and offline status."""
+    owners = owners or {}
+    slots = group.slots()
+    cfg = group.read_config()
+    park_cookie = slots.get(PARKING_SLOT, parking)
+    return {
+        "address": str(address),
+        "mode": "select_or_migrate" if group.migrate else "select",
+        "prog_id": group.prog_info.id if group.prog_fd >= 0 else None,
+        "standby_weight": cfg.standby_weight,
+        "spans": {"primary": cfg.primary_span, "standby": cfg.standby_span},
+        "parking": {"slotted": PARKING_SLOT in slots, **_queue_dict(queues.get(park_cookie) if park_cookie else None)},
+        "slots": [
+            {"slot": i, "role": "primary" if i < Role.STANDBY.slot_range[0] else "standby", "cookie": c,
+             "instance": owners.get(c), **_queue_dict(queues.get(c))}
+            for i, c in sorted(slots.items()) if i != PARKING_SLOT
+        ],
+        "counters": group.counters().as_dict(),
+    }
+
+
+def _queue_dict(q: diag.ListenerQueue | None) -> dict[str, Any]:
+    return {"queued": q.queued, "backlog": q.backlog} if q else {"queued": None, "backlog": None}
+
+
+def _safe_queues() -> dict[int, diag.ListenerQueue]:
+    try:
+        return diag.listeners()
+    except OSError as exc:
+        log.debug("sock_diag unavailable: %s", exc)
+        return {}
+
+
+def _queue_depth(listener: socket.socket) -> int:
+    q = _safe_queues().get(socket_cookie(listener))
+    return q.queued if q else 0
+
+
+def _peercred(conn: socket.socket) -> tuple[int, int, int]:
+    import struct
+
+    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+def _process_groups(pid: int) -> set[int]:
+    """Primary and supplementary groups of a live process (what the kernel checks, not /etc/group)."""
+    groups: set[int] = set()
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Gid:"):
+                groups.update(int(x) for x in line.split()[1:])
+            elif line.startswith("Groups:"):
+                groups.update(int(x) for x in line.split()[1:])
+    except OSError:
+        pass
+    return groups
+
+
+def _resolve_group(name: str) -> int:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        if name.isdigit():
+            return int(name)
+        raise ValueError(f"unknown group {name!r} for --group: create it (groupadd) or give a numeric gid") from None
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd (Type=notify) about our state when it asked to be told."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(path)
+            s.sendall(state.encode())
+    except OSError as exc:
+        log.warning("could not notify systemd at %s: %s", path, exc)
+
