@@ -84,7 +84,19 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 @pytest.fixture
-def supervisor(pin_root: Path, tmp_path: Path):
+def short_tmp() -> "Path":
+    """A short, world-traversable temp dir: unix socket paths must stay under 108 bytes,
+    and unprivileged instances must be able to reach the control socket."""
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def supervisor(pin_root: Path, short_tmp: Path):
     """Factory: start a real supervisor for a fresh service on free loopback port(s)."""
     from procs import SupervisorProc
 
@@ -93,7 +105,7 @@ def supervisor(pin_root: Path, tmp_path: Path):
     def start(*, binds: list[str] | None = None, extra: list[str] | None = None) -> SupervisorProc:
         service = f"t{uuid.uuid4().hex[:10]}"
         sup = SupervisorProc(service=service, binds=binds or [f"127.0.0.1:{free_port()}"],
-                             control=str(tmp_path / f"{service}.sock"), pin_root=pin_root, extra=extra or [])
+                             control=str(short_tmp / f"{service}.sock"), pin_root=pin_root, extra=extra or [])
         started.append(sup.start())
         return sup
 
