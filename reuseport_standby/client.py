@@ -63,11 +63,25 @@ def connect(path: str, timeout: float = 0.0) -> socket.socket:
 def request(sock: socket.socket, msg: dict[str, Any], fds: list[int] | None = None,
             timeout: float = 10.0) -> tuple[dict[str, Any], list[socket.socket]]:
     """Send one request and wait for its reply (and the sockets it carries)."""
-    protocol.send(sock, msg, fds)
+    try:
+        protocol.send(sock, msg, fds)
+    except (BrokenPipeError, ConnectionResetError):
+        # A supervisor that refuses a peer says why and hangs up at once:
+        # the reason may already wait in our receive queue.
+        timeout = 0.0
     r, _, _ = select.select([sock], [], [], timeout)
     if not r:
         raise SupervisorUnavailable(f"the supervisor did not answer '{msg.get('op')}' within {timeout:.0f} s")
-    raw, got, _ = protocol.recv(sock)
+    try:
+        raw, got, _ = protocol.recv(sock)
+    except ConnectionResetError:
+        # The peer hung up with our request unread; the kernel reports that
+        # once, before the reply it left us.
+        sock.setblocking(False)
+        try:
+            raw, got, _ = protocol.recv(sock)
+        except (BlockingIOError, ConnectionResetError):
+            raise SupervisorUnavailable("the supervisor closed the control connection") from None
     socks = [socket.socket(fileno=fd) for fd in got]
     if not raw:
         for s in socks:
@@ -171,7 +185,7 @@ class InstanceClient:
             was = self.state
             self.state = "stopped"
             try:
-                if self._conn is not None and was in ("pending", "active"):
+                if was in ("pending", "active"):
                     self._request({"op": "stop"}, retry=False)
             except (OSError, ProtocolError, SupervisorUnavailable) as exc:
                 log.warning("reuseport-standby: could not tell the supervisor to stop routing here (%s); "
@@ -203,56 +217,72 @@ class InstanceClient:
         return reply
 
     def _watch(self) -> None:
-        """Notice a supervisor that went away, and re-announce to the next one."""
-        while True:
+        """Notice a supervisor that went away, and re-announce to the next one.
+
+        Holds the lock only for one attempt at a time, so ``stop()`` is
+        never held up by a supervisor that stays away.
+        """
+        delay = 0.05
+        while self.state not in ("stopped", "inherited"):
             conn = self._conn
-            if conn is None or self.state in ("stopped", "inherited"):
-                return
-            try:
-                p = select.poll()
-                p.register(conn, select.POLLRDHUP)
-                events = p.poll(1000)
-            except (ValueError, OSError):
-                events = [(0, select.POLLHUP)]
-            if not any(ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) for _, ev in events):
+            if conn is not None:
+                try:
+                    p = select.poll()
+                    p.register(conn, select.POLLRDHUP)
+                    events = p.poll(1000)
+                except (ValueError, OSError):
+                    events = [(0, select.POLLHUP)]
+                if not any(ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) for _, ev in events):
+                    continue
+                with self._lock:
+                    if self._conn is conn:
+                        conn.close()
+                        self._conn = None
+                        log.warning("reuseport-standby: lost the supervisor at %s; reconnecting", self.control_path)
+                delay = 0.05
                 continue
             with self._lock:
-                if self._conn is not conn or self.state in ("stopped", "inherited"):
-                    continue
-                try:
-                    self._reconnect(deadline=None)
-                except Exception as exc:  # keep watching; the app must not die of this
-                    log.error("reuseport-standby: re-announcing to the supervisor failed: %s", exc)
-                    time.sleep(1)
+                if self._conn is None and self.state not in ("stopped", "inherited"):
+                    try:
+                        self._readopt_once()
+                    except (SupervisorUnavailable, OSError):
+                        pass
+                    except ProtocolError as exc:
+                        log.error("reuseport-standby: the restarted supervisor refused this instance: %s", exc)
+            if self._conn is None:
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
-    def _reconnect(self, deadline: float | None) -> None:
-        """Reconnect and re-announce our sockets (``readopt``); must hold the lock."""
+    def _readopt_once(self) -> None:
+        """One attempt to reconnect and re-announce our sockets; must hold the lock."""
+        conn = connect(self.control_path)
+        try:
+            reply, socks = request(conn, {"op": "readopt", "role": self.role.value, "pid": os.getpid(),
+                                          "name": self.name, "active": self.state == "active"},
+                                   [s.fileno() for s in self._keep])
+        except BaseException:
+            conn.close()
+            raise
+        for s in socks:
+            s.close()
+        self._conn = conn
+        self.instance_id = reply.get("instance")
+        log.info("reuseport-standby: re-announced to the supervisor as instance %s (%s)",
+                 self.instance_id, reply.get("state"))
+
+    def _reconnect(self, deadline: float) -> None:
+        """Reconnect within ``deadline`` (for a request that found the connection dead); must hold the lock."""
         if self._conn is not None:
             self._conn.close()
             self._conn = None
-        log.warning("reuseport-standby: lost the supervisor at %s; reconnecting", self.control_path)
         delay = 0.05
         while True:
-            if self.state in ("stopped", "inherited"):
-                return
             try:
-                conn = connect(self.control_path)
-                reply, socks = request(conn, {"op": "readopt", "role": self.role.value, "pid": os.getpid(),
-                                              "name": self.name, "active": self.state == "active"},
-                                       [s.fileno() for s in self._keep])
-                for s in socks:
-                    s.close()
-                self._conn = conn
-                self.instance_id = reply.get("instance")
-                log.info("reuseport-standby: re-announced to the supervisor as instance %s (%s)",
-                         self.instance_id, reply.get("state"))
+                self._readopt_once()
                 return
             except (SupervisorUnavailable, OSError) as exc:
-                if deadline is not None and time.monotonic() > deadline:
+                if time.monotonic() > deadline:
                     raise SupervisorUnavailable(f"supervisor did not come back: {exc}") from exc
-            except ProtocolError as exc:
-                log.error("reuseport-standby: the restarted supervisor refused this instance: %s", exc)
-                raise
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
 

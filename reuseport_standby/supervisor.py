@@ -280,11 +280,13 @@ class Supervisor:
         if not raw and not fds and not truncated:
             self._disconnected(inst)
             return
-        socks = [socket.socket(fileno=fd) for fd in fds]
+        socks, junk = _adopt_fds(fds)
         try:
             if truncated:
                 raise ProtocolError("too_large", f"message exceeds {protocol.MAX_MESSAGE} bytes or {protocol.MAX_FDS} fds")
-            req = protocol.parse_request(raw, len(socks))
+            req = protocol.parse_request(raw, len(socks) + junk)
+            if junk:
+                raise ProtocolError("not_listening", f"{junk} of the file descriptors sent are not sockets")
             reply, out_fds = self._handle(inst, req, socks)
         except ProtocolError as exc:
             log.warning("%s: %s: %s", inst.describe(), exc.code, exc)
@@ -292,9 +294,9 @@ class Supervisor:
         except ReuseportStandbyError as exc:
             log.warning("%s: %s", inst.describe(), exc)
             reply, out_fds = protocol.error_reply(type(exc).__name__, str(exc)), []
-        except OSError as exc:
+        except Exception as exc:  # one peer's trouble must never stop the broker for the others
             log.exception("%s: request failed", inst.describe())
-            reply, out_fds = protocol.error_reply("os_error", str(exc)), []
+            reply, out_fds = protocol.error_reply("internal", f"{type(exc).__name__}: {exc}"), []
         finally:
             for s in socks:
                 s.close()  # never keep an fd an instance sent us
@@ -568,6 +570,18 @@ def _safe_queues() -> dict[int, diag.ListenerQueue]:
 def _queue_depth(listener: socket.socket) -> int:
     q = _safe_queues().get(socket_cookie(listener))
     return q.queued if q else 0
+
+
+def _adopt_fds(fds: list[int]) -> tuple[list[socket.socket], int]:
+    """Wrap received fds as sockets; close (and count) any that are not sockets."""
+    socks, junk = [], 0
+    for fd in fds:
+        try:
+            socks.append(socket.socket(fileno=fd))
+        except OSError:
+            os.close(fd)
+            junk += 1
+    return socks, junk
 
 
 def _peercred(conn: socket.socket) -> tuple[int, int, int]:

@@ -1,0 +1,43 @@
+"""Clear errors for environments that cannot work (no kernel needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from reuseport_standby.errors import BpfUnavailable
+from reuseport_standby.loader import check_bpffs
+from reuseport_standby.sockets import Address
+
+
+def test_bpffs_missing_says_how_to_mount(tmp_path: Path) -> None:
+    with pytest.raises(BpfUnavailable, match="mount -t bpf bpf /sys/fs/bpf"):
+        check_bpffs(str(tmp_path / "pins"))
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("127.0.0.1:8000", Address("127.0.0.1", 8000)),
+    ("[::1]:8443", Address("::1", 8443)),
+    (":80", Address("0.0.0.0", 80)),
+    ("localhost:81", Address("127.0.0.1", 81)),
+])
+def test_address_parse(text: str, expect: Address) -> None:
+    assert Address.parse(text) == expect
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("127.0.0.1:0", "Port 0"),
+    ("127.0.0.1", "expected HOST:PORT"),
+    ("example.com:80", "numeric"),
+    ("::1:80", "expected HOST:PORT"),
+    ("127.0.0.1:70000", "1-65535"),
+])
+def test_address_parse_errors(text: str, msg: str) -> None:
+    with pytest.raises(ValueError, match=msg):
+        Address.parse(text)
+
+
+def test_group_names_have_no_dots() -> None:
+    assert Address("127.0.0.1", 80).group_name == "127_0_0_1:80"
+    assert Address("::1", 80).group_name == "[::1]:80"
