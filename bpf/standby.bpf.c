@@ -46,7 +46,8 @@ static __always_inline void count(__u32 idx)
 
 /* Try the live slots of one role, starting at a hash-chosen slot and probing
  * forward past the ones the kernel emptied when their socket closed.
- * Returns 0 when a socket was selected. */
+ * Returns 0 when a socket was selected.  The loop is bounded for the
+ * verifier (kernels without bpf_loop, e.g. 5.14/5.15, must load it). */
 static __always_inline int select_role(struct sk_reuseport_md *md, __u32 role,
 				       __u32 span, __u32 hash)
 {
@@ -62,17 +63,15 @@ static __always_inline int select_role(struct sk_reuseport_md *md, __u32 role,
 	for (i = 0; i < RS_SLOTS_PER_ROLE; i++) {
 		if (i >= span)
 			break;
-		key = start + i;
-		if (key >= span)
-			key -= span;
-		key += base;
+		key = base + (start + i) % span;
 		err = bpf_sk_select_reuseport(md, &rs_slots, &key, 0);
+		/* Any error is an empty (or emptying) slot: a socket closes
+		 * and the kernel clears its slot before user space narrows
+		 * the span.  Counting errors here would triple the verifier's
+		 * work for a case user space already rules out (one map per
+		 * group, so no foreign sockets). */
 		if (err == 0)
 			return 0;
-		/* -ENOENT: empty slot.  Anything else (a socket of another
-		 * group, a closing socket) is worth counting. */
-		if (err != -2)
-			count(RS_CNT_SELECT_ERRORS);
 	}
 	return -1;
 }

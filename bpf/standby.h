@@ -36,8 +36,7 @@
 #define RS_CNT_MIGRATED_PARKED 5
 #define RS_CNT_FELL_BACK 6
 #define RS_CNT_MIGRATE_FELL_BACK 7
-#define RS_CNT_SELECT_ERRORS 8 /* per failed probe other than an empty slot */
-#define RS_NR_COUNTERS 9
+#define RS_NR_COUNTERS 8
 
 /* The single entry of the config array, written only by user space. */
 struct rs_config {

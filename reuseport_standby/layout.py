@@ -46,7 +46,6 @@ class Counter(enum.IntEnum):
     MIGRATED_PARKED = 5
     FELL_BACK = 6
     MIGRATE_FELL_BACK = 7
-    SELECT_ERRORS = 8
 
 
 NR_COUNTERS = len(Counter)
