@@ -72,6 +72,38 @@ def rss() -> dict[str, float]:
     return {"python_bare_mb": base, "after_import_mb": imp, "after_load_mb": loaded, "load_delta_mb": loaded - imp}
 
 
+def supervisor_figures(runs: int = 5) -> dict[str, float]:
+    """Start-to-ready time (exec to first answered ping) and RSS of ``supervise``, two addresses."""
+    from reuseport_standby import client
+    from reuseport_standby.errors import SupervisorUnavailable
+
+    times, rss_kb = [], []
+    for i in range(runs):
+        service = f"bench{uuid.uuid4().hex[:6]}"
+        control = f"/tmp/{service}.sock"
+        port = free_port()
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "reuseport_standby", "supervise", "--service", service,
+                                 "--bind", f"127.0.0.1:{port}", "--bind", f"[::1]:{port}", "--control", control,
+                                 "--pin-root", str(BASE / "sup")], cwd=Path(__file__).resolve().parent.parent,
+                                stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                try:
+                    client.query(service, "ping", control, timeout=1)
+                    break
+                except SupervisorUnavailable:
+                    time.sleep(0.002)
+            times.append(time.perf_counter() - t0)
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            rss_kb.append(next(int(l.split()[1]) for l in status.splitlines() if l.startswith("VmRSS:")))
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    return {"start_to_ready_median_ms": statistics.median(times) * 1e3, "rss_mb": statistics.median(rss_kb) / 1024}
+
+
 def selection_cost(connections: int) -> dict[str, float]:
     """Average program run time per selection, by what the program has to probe."""
     lib = libbpf.load()
@@ -125,7 +157,7 @@ def main() -> int:
     args = ap.parse_args()
     try:
         figures = {"kernel": os.uname().release, "libbpf": libbpf.load().version,
-                   "load": load_times(args.loads), "rss": rss(), "selection": selection_cost(args.connections)}
+                   "load": load_times(args.loads), "rss": rss(), "supervisor": supervisor_figures(), "selection": selection_cost(args.connections)}
     finally:
         remove(BASE)
     print(json.dumps(figures, indent=2))
