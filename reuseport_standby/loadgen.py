@@ -23,6 +23,12 @@ class LoadResult:
     max_latency: float = 0.0
     latencies: list[float] = field(default_factory=list)
     elapsed: float = 0.0
+    #: (seconds since start, outcome, first word of the body: who answered) per request, when asked for
+    events: list[tuple[float, str, str]] = field(default_factory=list)
+    served_by: Counter[str] = field(default_factory=Counter)
+    # (sent, ended, kind) of every failed request, CLOCK_MONOTONIC: lets a
+    # caller tell which restart a failure belongs to.
+    failure_events: list[tuple[float, float, str]] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -49,6 +55,13 @@ class LoadResult:
 def one_request(host: str, port: int, path: str = "/", timeout: float = 5.0,
                 sock: socket.socket | None = None) -> tuple[str, socket.socket | None]:
     """One HTTP/1.1 request; returns ("ok" | failure kind, reusable socket or None)."""
+    kind, sock, _ = exchange(host, port, path, timeout, sock)
+    return kind, sock
+
+
+def exchange(host: str, port: int, path: str = "/", timeout: float = 5.0,
+             sock: socket.socket | None = None) -> tuple[str, socket.socket | None, bytes]:
+    """Like :func:`one_request`, also returning the response body."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     keep = sock is not None
     try:
@@ -59,7 +72,7 @@ def one_request(host: str, port: int, path: str = "/", timeout: float = 5.0,
                 sock.connect((host, port))
             except ConnectionRefusedError:
                 sock.close()
-                return "refused", None
+                return "refused", None, b""
         conn_hdr = "keep-alive" if keep else "close"
         sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: {conn_hdr}\r\n\r\n".encode())
         data = b""
@@ -67,7 +80,7 @@ def one_request(host: str, port: int, path: str = "/", timeout: float = 5.0,
             chunk = sock.recv(65536)
             if not chunk:
                 sock.close()
-                return ("eof" if not data else "truncated"), None
+                return ("eof" if not data else "truncated"), None, b""
             data += chunk
         head, _, body = data.partition(b"\r\n\r\n")
         status_line = head.split(b"\r\n", 1)[0].split()
@@ -81,24 +94,24 @@ def one_request(host: str, port: int, path: str = "/", timeout: float = 5.0,
                 chunk = sock.recv(65536)
                 if not chunk:
                     sock.close()
-                    return "truncated", None
+                    return "truncated", None, b""
                 body += chunk
         code = int(status_line[1]) if len(status_line) > 1 else 0
         reusable = keep and length is not None and b"connection: close" not in head.lower()
         if not reusable:
             sock.close()
             sock = None
-        return ("ok" if 200 <= code < 300 else f"http_{code}"), sock
+        return ("ok" if 200 <= code < 300 else f"http_{code}"), sock, body
     except ConnectionResetError:
         sock.close()  # type: ignore[union-attr]
-        return "reset", None
+        return "reset", None, b""
     except socket.timeout:
         sock.close()  # type: ignore[union-attr]
-        return "timeout", None
+        return "timeout", None, b""
     except OSError as exc:
         if sock is not None:
             sock.close()
-        return type(exc).__name__, None
+        return type(exc).__name__, None, b""
 
 
 class Load:
@@ -106,7 +119,7 @@ class Load:
 
     def __init__(self, host: str, port: int, *, concurrency: int = 8, duration: float = 10.0,
                  max_requests: int = 200_000, path: str = "/", keepalive: bool = False, timeout: float = 5.0,
-                 record_latencies: bool = True) -> None:
+                 record_latencies: bool = True, record_events: bool = False) -> None:
         self.host, self.port, self.path = host, port, path
         self.concurrency = concurrency
         self.duration = duration
@@ -114,6 +127,7 @@ class Load:
         self.keepalive = keepalive
         self.timeout = timeout
         self.record = record_latencies
+        self.record_events = record_events
         self.result = LoadResult()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -127,12 +141,18 @@ class Load:
             self._issued += 1
             return True
 
-    def _record(self, kind: str, dt: float) -> None:
+    def _record(self, kind: str, dt: float, body: bytes = b"") -> None:
+        now = time.monotonic()
+        who = body.split(b" ", 1)[0].decode(errors="replace") if body else ""
         with self._lock:
             if kind == "ok":
                 self.result.ok += 1
+                self.result.served_by[who] += 1
             else:
                 self.result.failures[kind] += 1
+                self.result.failure_events.append((now - dt, now, kind))
+            if self.record_events:
+                self.result.events.append((now - self._start, kind, who))
             self.result.max_latency = max(self.result.max_latency, dt)
             if self.record:
                 self.result.latencies.append(dt)
@@ -164,8 +184,8 @@ class Load:
                 if sock is None:
                     self._record(kind, time.monotonic() - t0)
                     continue
-            kind, sock = one_request(self.host, self.port, self.path, self.timeout, sock)
-            self._record(kind, time.monotonic() - t0)
+            kind, sock, body = exchange(self.host, self.port, self.path, self.timeout, sock)
+            self._record(kind, time.monotonic() - t0, body)
         if sock is not None:
             sock.close()
 
