@@ -206,18 +206,21 @@ def demo(duration: float = 20.0, server: str = "gunicorn", baseline: bool = Fals
                  Step(span * 2, "primary SIGKILL", contender.kill_primary),
                  Step(span * 3, "rolling reload", contender.reload),
                  Step(span * 4, "primary SIGTERM", contender.term_primary)]
-        load = Load("127.0.0.1", port, concurrency=concurrency, duration=duration, record_events=True,
+        # Hard bound on the load; it normally stops one span after the last step.
+        load = Load("127.0.0.1", port, concurrency=concurrency, duration=duration * 3 + 60, record_events=True,
                     max_requests=10_000_000).start()
         for step in steps:
             delay = step.at - (time.monotonic() - load._start)
             if delay > 0:
                 time.sleep(delay)
-            marks.append((time.monotonic() - load._start, step.label))
             try:
+                contender.wait_ready()  # a restart is only meaningful once both are back
+                marks.append((time.monotonic() - load._start, step.label))
                 step.action()
             except (ReuseportStandbyError, OSError) as exc:
                 errors.append(f"{step.label}: {exc}")
-        result = load.wait()
+        time.sleep(span)
+        result = load.stop()
     finally:
         contender.stop()
     png = out or Path(tempfile.gettempdir()) / f"reuseport-standby-demo{'-baseline' if baseline else ''}.png"
