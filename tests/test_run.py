@@ -175,3 +175,28 @@ def test_demo_baseline_shows_failures(tmp_path: Path, kernel: None) -> None:
     assert r.returncode == 1, r.stdout + r.stderr
     assert "REQUESTS FAILED" in r.stdout
     assert png.exists()
+
+
+def test_users_own_gunicorn_config_keeps_working(short_tmp: Path, pin_root: Path) -> None:
+    """`run -- gunicorn -c their.conf.py ...`: their settings and hooks apply, ours are composed in."""
+    marker = short_tmp / "hook-ran"
+    conf = short_tmp / "their.conf.py"
+    conf.write_text(
+        "import pathlib\n"
+        "workers = 3\n"
+        "bind = '0.0.0.0:1'  # ignored under run: the supervisor owns the addresses\n"
+        f"def post_worker_init(worker):\n    pathlib.Path({str(marker)!r}).write_text('ok')\n"
+    )
+    run = Run(short_tmp, pin_root, ["gunicorn", "-c", str(conf), "versioned_app:app"])
+    try:
+        pids = run.wait_both()
+        assert marker.read_text() == "ok"
+        workers = subprocess.check_output(["pgrep", "-P", str(pids["primary"])]).split()
+        assert len(workers) == 3
+        with Load("127.0.0.1", run.port, concurrency=4, duration=120) as load:
+            request_reload(run.service, run.control, timeout=120)
+            run.wait_both()
+            load.stop()
+        assert load.result.failed == 0 and load.result.ok > 0
+    finally:
+        run.stop()
