@@ -36,6 +36,17 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } rs_counters SEC(".maps");
 
+/* Connections handed to each slot (new and migrated): with the accept
+ * queue depth from sock_diag, user space can tell whether an instance is
+ * still accepting. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, RS_NR_SLOTS);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} rs_slot_hits SEC(".maps");
+
 static __always_inline void count(__u32 idx)
 {
 	__u64 *c = bpf_map_lookup_elem(&rs_counters, &idx);
@@ -44,14 +55,14 @@ static __always_inline void count(__u32 idx)
 		*c += 1;
 }
 
-/* Try the live slots of one role, starting at a hash-chosen slot and probing
+/* Try the live slots of one slot range, starting at a hash-chosen slot and probing
  * forward past the ones the kernel emptied when their socket closed.
  * Returns 0 when a socket was selected.  The loop is bounded for the
  * verifier (kernels without bpf_loop, e.g. 5.14/5.15, must load it). */
-static __always_inline int select_role(struct sk_reuseport_md *md, __u32 role,
-				       __u32 span, __u32 hash)
+static __always_inline int select_role(struct sk_reuseport_md *md, __u32 range,
+				       __u32 span, __u32 hash, __u64 disabled, __u32 *slot)
 {
-	__u32 base = role * RS_SLOTS_PER_ROLE;
+	__u32 base = range * RS_SLOTS_PER_ROLE;
 	__u32 start, i, key;
 	long err;
 
@@ -64,14 +75,20 @@ static __always_inline int select_role(struct sk_reuseport_md *md, __u32 role,
 		if (i >= span)
 			break;
 		key = base + (start + i) % span;
+		/* A disabled slot (drained or demoted instance) is pushed out
+		 * of the map's range, where the lookup fails like an empty
+		 * slot: no branch, so no extra verifier states. */
+		key += ((disabled >> key) & 1) * RS_NR_SLOTS;
 		err = bpf_sk_select_reuseport(md, &rs_slots, &key, 0);
 		/* Any error is an empty (or emptying) slot: a socket closes
 		 * and the kernel clears its slot before user space narrows
 		 * the span.  Counting errors here would triple the verifier's
 		 * work for a case user space already rules out (one map per
 		 * group, so no foreign sockets). */
-		if (err == 0)
+		if (err == 0) {
+			*slot = key;
 			return 0;
+		}
 	}
 	return -1;
 }
@@ -79,7 +96,8 @@ static __always_inline int select_role(struct sk_reuseport_md *md, __u32 role,
 SEC("sk_reuseport/migrate")
 int rs_select_or_migrate(struct sk_reuseport_md *md)
 {
-	__u32 zero = 0, first, second, key;
+	__u32 zero = 0, first, second, swap, key, slot = 0;
+	__u64 *hits;
 	struct rs_config *cfg;
 	int migrating;
 	__u32 hash = md->hash;
@@ -99,17 +117,23 @@ int rs_select_or_migrate(struct sk_reuseport_md *md)
 		second = RS_ROLE_PRIMARY;
 	}
 
-	if (select_role(md, first, cfg->span[first], hash) == 0) {
+	/* After a promote, the standby instance sits in the primary range and
+	 * the other way round: roles are logical, ranges physical. */
+	swap = cfg->flags & RS_FLAG_SWAP_ROLES ? 1 : 0;
+	if (select_role(md, first ^ swap, cfg->span[first ^ swap], hash, cfg->disabled, &slot) == 0) {
 		key = first;
 		goto selected;
 	}
-	if (select_role(md, second, cfg->span[second], hash) == 0) {
+	if (select_role(md, second ^ swap, cfg->span[second ^ swap], hash, cfg->disabled, &slot) == 0) {
 		key = second;
 		goto selected;
 	}
 	key = RS_PARKING_SLOT;
 	if (bpf_sk_select_reuseport(md, &rs_slots, &key, 0) == 0) {
 		count(migrating ? RS_CNT_MIGRATED_PARKED : RS_CNT_PARKED);
+		hits = bpf_map_lookup_elem(&rs_slot_hits, &key);
+		if (hits)
+			*hits += 1;
 		return SK_PASS;
 	}
 	/* Nothing of ours is live: let the kernel hash over the group rather
@@ -118,6 +142,9 @@ int rs_select_or_migrate(struct sk_reuseport_md *md)
 	return SK_PASS;
 
 selected:
+	hits = bpf_map_lookup_elem(&rs_slot_hits, &slot);
+	if (hits)
+		*hits += 1;
 	if (key == RS_ROLE_PRIMARY)
 		count(migrating ? RS_CNT_MIGRATED_PRIMARY : RS_CNT_SELECTED_PRIMARY);
 	else

@@ -10,7 +10,7 @@
 #ifndef RS_STANDBY_H
 #define RS_STANDBY_H
 
-#define RS_LAYOUT_VERSION 1
+#define RS_LAYOUT_VERSION 2
 
 /* Slots per role.  Two instances of one role overlap during a restart, and a
  * later per-worker scope gives every worker its own slot, so leave room. */
@@ -38,17 +38,25 @@
 #define RS_CNT_MIGRATE_FELL_BACK 7
 #define RS_NR_COUNTERS 8
 
+/* rs_config.flags */
+#define RS_FLAG_SWAP_ROLES 1  /* promote: the standby range serves as primary */
+
 /* The single entry of the config array, written only by user space. */
 struct rs_config {
-	/* Slots [base, base + span[role]) of a role may be live; the program
-	 * probes only those.  User space raises span when it fills a slot and
-	 * lowers it when the top slots are empty. */
+	/* Slots [base, base + span[range]) of a slot range may be live; the
+	 * program probes only those.  User space raises span when it fills a
+	 * slot and lowers it when the top slots are empty. */
 	__u32 span[RS_NR_ROLES];
 	/* 0..100: share of new connections (by 4-tuple hash) offered to the
 	 * standby first while both roles are live.  0 = pure hot standby. */
 	__u32 standby_weight;
 	/* Must equal RS_LAYOUT_VERSION once user space has initialised it. */
 	__u32 layout_version;
+	/* Bit i set: slot i keeps its socket but gets no new or migrated
+	 * connections (a drained or demoted instance). */
+	__u64 disabled;
+	__u32 flags;
+	__u32 reserved;
 };
 
 #endif

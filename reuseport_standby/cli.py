@@ -6,9 +6,10 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
-from . import __version__, protocol
+from . import __version__, protocol, uvicorn_cli
 from .errors import ReuseportStandbyError, SupervisorUnavailable
 from .loader import DEFAULT_PIN_ROOT
 from .sockets import DEFAULT_BACKLOG, Address
@@ -50,14 +51,58 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--group", default=None, help="group allowed on the control socket (besides root and this user)")
     sp.add_argument("--mount-bpffs", action="store_true", help="mount bpffs at /sys/fs/bpf if it is not mounted")
     sp.add_argument("--no-migrate", action="store_true", help="load as plain SELECT (no queue migration; for comparisons only)")
+    sp.add_argument("--stall-timeout", type=float, default=2.0,
+                    help="demote an active instance whose queue waits this long with nothing accepted (seconds; 0 = off; default 2)")
+    sp.add_argument("--on-hang", choices=("demote", "term", "kill"), default="demote",
+                    help="after demoting a hung instance: keep it to recover (demote, default), SIGTERM or SIGKILL it")
+    sp.add_argument("--metrics", type=_address, default=None, metavar="HOST:PORT",
+                    help="serve Prometheus metrics here (needs prometheus_client)")
 
     st = sub.add_parser("status", help="show addresses, instances, slots, queues and counters")
     common(st)
     st.add_argument("--json", action="store_true", help="machine-readable output")
 
-    dm = sub.add_parser("demo", help="show a primary's queued connections surviving its death (kernel-level)")
-    dm.add_argument("--connections", type=int, default=50)
-    dm.add_argument("--port", type=int, default=0, help="loopback port (default: a free one)")
+    rn = sub.add_parser("run", help="run a supervisor, a primary and a standby of a server command",
+                        description="Run CMD (a gunicorn or uvicorn command line) as a primary and a standby "
+                                    "sharing the --bind addresses, with zero-downtime restarts.")
+    common(rn)
+    rn.add_argument("--bind", type=_address, action="append", required=True, metavar="HOST:PORT")
+    rn.add_argument("--backlog", type=int, default=None)
+    rn.add_argument("--group", default=None, help="group allowed on the control socket")
+    rn.add_argument("--ready-timeout", type=float, default=60.0, help="seconds a new instance has to become ready (default 60)")
+    rn.add_argument("--stop-timeout", type=float, default=30.0, help="seconds an instance has to drain before SIGKILL (default 30)")
+    rn.add_argument("--no-migrate", action="store_true", help=argparse.SUPPRESS)
+    rn.add_argument("--stall-timeout", type=float, default=None, help="passed to the supervisor (see supervise --help)")
+    rn.add_argument("--on-hang", choices=("demote", "term", "kill"), default=None, help="passed to the supervisor")
+    rn.add_argument("--metrics", type=_address, default=None, metavar="HOST:PORT", help="passed to the supervisor")
+    rn.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...")
+
+    wt = sub.add_parser("weight", help="canary: offer this share of new connections to the standby first")
+    common(wt)
+    wt.add_argument("--standby", type=int, required=True, metavar="PERCENT", help="0 (pure hot standby) to 100")
+
+    pr = sub.add_parser("promote", help="swap the roles of the running primary and standby (nothing restarts)")
+    common(pr)
+
+    for name, text in (("drain", "stop sending new connections to an instance without stopping it"),
+                       ("undrain", "send new connections to a drained or demoted instance again")):
+        dr = sub.add_parser(name, help=text)
+        common(dr)
+        dr.add_argument("--role", choices=("primary", "standby"), required=True)
+
+    rl = sub.add_parser("reload", help="rolling restart of a running 'run': standby, then primary; rolls back a failure")
+    common(rl)
+    rl.add_argument("--timeout", type=float, default=600.0)
+
+    dm = sub.add_parser("demo", help="restart the primary under load, with and without reuseport-standby, and draw it")
+    dm.add_argument("--duration", type=float, default=20.0, help="seconds of load (default 20)")
+    dm.add_argument("--server", choices=("gunicorn", "uvicorn"), default="gunicorn")
+    dm.add_argument("--baseline", action="store_true", help="the same script with plain SO_REUSEPORT, no BPF")
+    dm.add_argument("--concurrency", type=int, default=16)
+    dm.add_argument("--out", type=Path, default=None, help="where to write the PNG timeline")
+    dm.add_argument("--kernel-only", action="store_true", help="only the kernel-level demonstration (no web server)")
+    dm.add_argument("--connections", type=int, default=50, help="with --kernel-only: queued connections")
+    uvicorn_cli.add_parser(sub)
     return p
 
 
@@ -82,8 +127,13 @@ def cmd_supervise(args: argparse.Namespace) -> int:
     from .supervisor import Supervisor
 
     sup = Supervisor(args.service, args.bind, control=args.control, backlog=args.backlog, group=args.group,
-                     pin_root=args.pin_root, migrate=False if args.no_migrate else None, mount_bpffs=args.mount_bpffs)
+                     pin_root=args.pin_root, migrate=False if args.no_migrate else None, mount_bpffs=args.mount_bpffs,
+                     stall_timeout=args.stall_timeout, on_hang=args.on_hang)
     sup.start()
+    if args.metrics:
+        from .metrics import serve
+
+        serve(sup, args.metrics)
     try:
         sup.serve_forever()
     finally:
@@ -99,13 +149,57 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK if st.get("source") == "supervisor" else EXIT_NOT_RUNNING
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from .runner import RunConfig, main_args, run
+
+    cfg = RunConfig(service=args.service, binds=args.bind, command=main_args(args.cmd), control=args.control,
+                    backlog=args.backlog, group=args.group, pin_root=args.pin_root if args.pin_root != DEFAULT_PIN_ROOT else None,
+                    ready_timeout=args.ready_timeout, stop_timeout=args.stop_timeout, no_migrate=args.no_migrate,
+                    supervisor_args=[*(["--stall-timeout", str(args.stall_timeout)] if args.stall_timeout is not None else []),
+                                     *(["--on-hang", args.on_hang] if args.on_hang else []),
+                                     *(["--metrics", str(args.metrics)] if args.metrics else [])])
+    return run(cfg)
+
+
+def cmd_admin(args: argparse.Namespace) -> int:
+    from . import client
+
+    msg: dict[str, object] = {"op": args.command}
+    if args.command == "weight":
+        msg["standby"] = args.standby
+    elif args.command in ("drain", "undrain"):
+        msg["role"] = args.role
+    reply = client.admin(args.service, msg, args.control)
+    if args.command == "weight":
+        print(f"standby weight: {reply['standby_weight']}%")
+    elif args.command == "promote":
+        print(f"promoted: instance(s) {reply['primary']} now primary, {reply['standby']} now standby")
+    else:
+        print(", ".join(f"instance {i['id']} (pid {i['pid']}) {i['state']}" for i in reply["instances"]))
+    return EXIT_OK
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    from .runner import request_reload
+
+    result = request_reload(args.service, args.control, args.timeout)
+    print("reloaded: " + ", ".join(f"{r['role']} pid {r['pid']}" for r in result["replaced"]) + f" in {result['seconds']} s")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import kernel_demo
+    if args.kernel_only:
+        from .kernel_demo import kernel_demo
 
-    return kernel_demo(args.connections, args.port)
+        return kernel_demo(args.connections)
+    from .demo import demo
+
+    return demo(args.duration, args.server, args.baseline, args.concurrency, args.out)
 
 
-COMMANDS = {"supervise": cmd_supervise, "status": cmd_status, "demo": cmd_demo}
+COMMANDS = {"supervise": cmd_supervise, "status": cmd_status, "run": cmd_run, "reload": cmd_reload, "demo": cmd_demo,
+            "weight": cmd_admin, "promote": cmd_admin, "drain": cmd_admin, "undrain": cmd_admin,
+            "uvicorn": uvicorn_cli.command}
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -105,17 +105,30 @@ def query(service: str = protocol.DEFAULT_SERVICE, op: str = "status", control: 
         return reply
 
 
+def admin(service: str, msg: dict[str, Any], control: str | None = None, timeout: float = 10.0) -> dict[str, Any]:
+    """An operator command (weight, promote, drain, undrain) to a supervisor."""
+    with connect(protocol.control_path(service, control)) as sock:
+        reply, socks = request(sock, msg, timeout=timeout)
+        for s in socks:
+            s.close()
+        return reply
+
+
 class InstanceClient:
     """One app instance's link to the supervisor of its service."""
 
     def __init__(self, role: Role | str, service: str = protocol.DEFAULT_SERVICE, *, control: str | None = None,
-                 name: str = "", connect_timeout: float = 30.0, reconnect: bool = True) -> None:
+                 name: str = "", connect_timeout: float = 30.0, reconnect: bool = True,
+                 heartbeat: float | None = 1.0) -> None:
         self.role = role if isinstance(role, Role) else Role.parse(role)
         self.service = protocol.check_service(service)
         self.control_path = protocol.control_path(service, control)
         self.name = name
         self.connect_timeout = connect_timeout
         self.reconnect = reconnect
+        # Heartbeats come from the watcher thread, so only with reconnect; they let the
+        # supervisor demote an instance whose process stopped running (SIGSTOP, a hang).
+        self.heartbeat = heartbeat if reconnect else None
         self.addresses: list[Address] = []
         self.instance_id: int | None = None
         self.state = "new"  # new -> pending -> active -> stopped
@@ -138,7 +151,8 @@ class InstanceClient:
                 raise RuntimeError(f"open() called twice (state {self.state})")
             conn = connect(self.control_path, self.connect_timeout)
             try:
-                reply, socks = request(conn, {"op": "hello", "role": self.role.value, "pid": os.getpid(), "name": self.name})
+                reply, socks = request(conn, {"op": "hello", "role": self.role.value, "pid": os.getpid(),
+                                              "name": self.name, **self._heartbeat_field()})
             except BaseException:
                 conn.close()
                 raise
@@ -202,6 +216,18 @@ class InstanceClient:
                 self._conn = None
 
     # -- internals --------------------------------------------------------------------
+    def _heartbeat_field(self) -> dict[str, float]:
+        return {"heartbeat": self.heartbeat} if self.heartbeat else {}
+
+    def _beat(self, conn: socket.socket) -> None:
+        with self._lock:
+            if self._conn is not conn or self.state not in ("pending", "active"):
+                return
+            try:
+                request(conn, {"op": "heartbeat"}, timeout=5)
+            except (SupervisorUnavailable, ProtocolError, OSError) as exc:
+                log.debug("reuseport-standby: heartbeat failed: %s", exc)
+
     def _request(self, msg: dict[str, Any], retry: bool = True) -> dict[str, Any]:
         if self._conn is None:
             raise SupervisorUnavailable("not connected to the supervisor")
@@ -229,10 +255,12 @@ class InstanceClient:
                 try:
                     p = select.poll()
                     p.register(conn, select.POLLRDHUP)
-                    events = p.poll(1000)
+                    events = p.poll(int((self.heartbeat or 1.0) * 1000))
                 except (ValueError, OSError):
                     events = [(0, select.POLLHUP)]
                 if not any(ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) for _, ev in events):
+                    if self.heartbeat:
+                        self._beat(conn)
                     continue
                 with self._lock:
                     if self._conn is conn:
@@ -258,7 +286,8 @@ class InstanceClient:
         conn = connect(self.control_path)
         try:
             reply, socks = request(conn, {"op": "readopt", "role": self.role.value, "pid": os.getpid(),
-                                          "name": self.name, "active": self.state == "active"},
+                                          "name": self.name, "active": self.state == "active",
+                                          **self._heartbeat_field()},
                                    [s.fileno() for s in self._keep])
         except BaseException:
             conn.close()

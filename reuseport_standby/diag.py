@@ -31,6 +31,7 @@ class ListenerQueue:
     queued: int    # connections waiting in the accept queue
     backlog: int   # the listen() backlog
     uid: int
+    inode: int = 0
 
 
 def listeners(families: tuple[int, ...] = (socket.AF_INET, socket.AF_INET6)) -> dict[int, ListenerQueue]:
@@ -66,5 +67,5 @@ def _parse(data: bytes, off: int) -> ListenerQueue:
     fam = data[off]
     sport = struct.unpack_from("!H", data, off + 4)[0]
     c0, c1 = struct.unpack_from("=II", data, off + 4 + 4 + 32 + 4)
-    _expires, rq, wq, uid, _inode = struct.unpack_from("=IIIII", data, off + 4 + 48)
-    return ListenerQueue(cookie=c0 | (c1 << 32), family=fam, port=sport, queued=rq, backlog=wq, uid=uid)
+    _expires, rq, wq, uid, inode = struct.unpack_from("=IIIII", data, off + 4 + 48)
+    return ListenerQueue(cookie=c0 | (c1 << 32), family=fam, port=sport, queued=rq, backlog=wq, uid=uid, inode=inode)

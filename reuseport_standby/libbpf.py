@@ -21,6 +21,9 @@ BPF_SK_REUSEPORT_SELECT_OR_MIGRATE = 40
 BPF_ANY = 0
 BPF_NOEXIST = 1
 BPF_STATS_RUN_TIME = 0
+BPF_OBJ_GET = 7
+BPF_F_RDONLY = 1 << 3
+_SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x": 351, "riscv64": 280}
 
 
 class _OpenOpts(ctypes.Structure):
@@ -152,6 +155,22 @@ class LibBpf:
 
     def obj_get(self, path: str) -> int:
         return self.check(self.lib.bpf_obj_get(path.encode()), f"bpf_obj_get({path})")
+
+    def obj_get_readonly(self, path: str) -> int:
+        """Open a pin read-only: file read permission suffices (a group-readable pin)."""
+        attr = (ctypes.c_uint64 * 2)()
+        buf = ctypes.create_string_buffer(path.encode())
+        attr[0] = ctypes.addressof(buf)
+        attr[1] = BPF_F_RDONLY << 32  # bpf_fd = 0, file_flags = BPF_F_RDONLY
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        nr = _SYS_BPF.get(os.uname().machine)
+        if nr is None:
+            raise OSError(errno.ENOSYS, "read-only pin access is not wired up for this architecture")
+        fd = libc.syscall(ctypes.c_long(nr), ctypes.c_long(BPF_OBJ_GET), attr, ctypes.c_long(16))
+        if fd < 0:
+            raise _oserror(ctypes.get_errno(), f"bpf_obj_get({path}, read-only)")
+        return fd
 
     def obj_pin(self, fd: int, path: str) -> None:
         self.check(self.lib.bpf_obj_pin(fd, path.encode()), f"bpf_obj_pin({path})")

@@ -33,7 +33,7 @@ BPFFS_MAGIC = 0xCAFE4A11
 SO_ATTACH_REUSEPORT_EBPF = 52
 SO_COOKIE = 57
 PROG_NAME = "rs_select_or_migrate"
-MAP_NAMES = ("rs_slots", "rs_config", "rs_counters")
+MAP_NAMES = ("rs_slots", "rs_config", "rs_counters", "rs_slot_hits")
 MIGRATE_MIN_KERNEL = (5, 14)
 
 
@@ -157,13 +157,23 @@ class Group:
         lib = _libbpf.load()
         pin_dir = Path(pin_dir)
         fds: dict[str, int] = {}
+
+        def get(path: Path) -> int:
+            try:
+                return lib.obj_get(str(path))
+            except PermissionError:
+                return lib.obj_get_readonly(str(path))  # a member of the pins' group
+
         try:
             for name in MAP_NAMES:
-                fds[name] = lib.obj_get(str(pin_dir / name))
+                fds[name] = get(pin_dir / name)
             for migrate in (True, False):
                 path = pin_dir / prog_pin_name(migrate)
                 if path.exists():
-                    return cls(pin_dir, lib.obj_get(str(path)), fds, migrate, lib)
+                    try:
+                        return cls(pin_dir, get(path), fds, migrate, lib)
+                    except PermissionError:
+                        return cls(pin_dir, -1, fds, migrate, lib)
             return cls(pin_dir, -1, fds, True, lib)
         except OSError as exc:
             for fd in fds.values():
@@ -171,6 +181,12 @@ class Group:
             if exc.errno in (errno.EACCES, errno.EPERM):
                 raise PermissionProblem(f"no permission to read the pins at {pin_dir}: run as root, or ask the supervisor over its control socket") from exc
             raise
+
+    def share_read_only(self, gid: int) -> None:
+        """Let members of ``gid`` read the pins (status, metrics) without CAP_BPF; writes stay root's."""
+        for path in [self.pin_dir.parent, self.pin_dir, *self.pin_dir.iterdir()]:
+            os.chown(path, -1, gid)
+            os.chmod(path, 0o750 if path.is_dir() else 0o640)
 
     def _check_layout(self) -> None:
         info = self._lib.map_info(self._fds["rs_slots"])
@@ -316,6 +332,16 @@ class Group:
             self._lib.check(self._lib.lib.bpf_map_lookup_elem(self._fds["rs_counters"], ctypes.byref(key), per_cpu), "read counters")
             values[c] = sum(per_cpu)
         return Counters(values)
+
+    def slot_hits(self, indices: "list[int] | range") -> dict[int, int]:
+        """Connections handed to each of these slots so far (new and migrated)."""
+        per_cpu = (ctypes.c_uint64 * self._ncpus)()
+        out = {}
+        for i in indices:
+            key = ctypes.c_uint32(i)
+            self._lib.check(self._lib.lib.bpf_map_lookup_elem(self._fds["rs_slot_hits"], ctypes.byref(key), per_cpu), "read slot hits")
+            out[i] = sum(per_cpu)
+        return out
 
     def reset_counters(self) -> None:
         zero = (ctypes.c_uint64 * self._ncpus)()

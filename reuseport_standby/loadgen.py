@@ -14,6 +14,18 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import NamedTuple
+
+
+class RequestRecord(NamedTuple):
+    """One request, when ``Load(..., request_ids=True)``: what the benchmark needs to classify a loss."""
+
+    id: int  #: sent as ``id=N`` in the query string, so the server can record what it received
+    sent: float  #: CLOCK_MONOTONIC
+    ended: float
+    kind: str  #: "ok" or the failure kind
+    answer: str  #: the response body (stripped, at most 80 characters): the demo apps answer "<role> <pid>"
+    reused: bool  #: sent on a keep-alive connection that had already carried a request
 
 
 @dataclass
@@ -29,6 +41,8 @@ class LoadResult:
     # (sent, ended, kind) of every failed request, CLOCK_MONOTONIC: lets a
     # caller tell which restart a failure belongs to.
     failure_events: list[tuple[float, float, str]] = field(default_factory=list)
+    #: every request, in completion order, when ``request_ids=True``
+    requests: list[RequestRecord] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -119,7 +133,10 @@ class Load:
 
     def __init__(self, host: str, port: int, *, concurrency: int = 8, duration: float = 10.0,
                  max_requests: int = 200_000, path: str = "/", keepalive: bool = False, timeout: float = 5.0,
-                 record_latencies: bool = True, record_events: bool = False) -> None:
+                 record_latencies: bool = True, record_events: bool = False, request_ids: bool = False,
+                 id_base: int = 0) -> None:
+        """``request_ids``: give every request a unique ``id=N`` (N from ``id_base`` up) in its query
+        string and keep a :class:`RequestRecord` of each in ``result.requests``."""
         self.host, self.port, self.path = host, port, path
         self.concurrency = concurrency
         self.duration = duration
@@ -128,6 +145,8 @@ class Load:
         self.timeout = timeout
         self.record = record_latencies
         self.record_events = record_events
+        self.request_ids = request_ids
+        self.id_base = id_base
         self.result = LoadResult()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -135,11 +154,27 @@ class Load:
         self._issued = 0
 
     def _take(self) -> bool:
+        return self._take_id() is not None
+
+    def _take_id(self) -> int | None:
+        """The next request's sequence number, or None once ``max_requests`` were issued."""
         with self._lock:
             if self._issued >= self.max_requests:
-                return False
+                return None
             self._issued += 1
-            return True
+            return self._issued - 1
+
+    def _path_for(self, seq: int) -> str:
+        if not self.request_ids:
+            return self.path
+        return f"{self.path}{'&' if '?' in self.path else '?'}id={self.id_base + seq}"
+
+    def _trace(self, seq: int, t0: float, ended: float, kind: str, body: bytes, reused: bool) -> None:
+        if not self.request_ids:
+            return
+        answer = body[:80].decode(errors="replace").strip()
+        with self._lock:
+            self.result.requests.append(RequestRecord(self.id_base + seq, t0, ended, kind, answer, reused))
 
     def _record(self, kind: str, dt: float, body: bytes = b"") -> None:
         now = time.monotonic()
@@ -177,15 +212,26 @@ class Load:
     def _worker(self) -> None:
         deadline = self._start + self.duration
         sock: socket.socket | None = None
-        while not self._stop.is_set() and time.monotonic() < deadline and self._take():
+        used = False  # the keep-alive socket in hand already carried a request
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            seq = self._take_id()
+            if seq is None:
+                break
             t0 = time.monotonic()
             if self.keepalive and sock is None:
                 sock, kind = self._connect()
+                used = False
                 if sock is None:
-                    self._record(kind, time.monotonic() - t0)
+                    ended = time.monotonic()
+                    self._record(kind, ended - t0)
+                    self._trace(seq, t0, ended, kind, b"", False)
                     continue
-            kind, sock, body = exchange(self.host, self.port, self.path, self.timeout, sock)
-            self._record(kind, time.monotonic() - t0, body)
+            reused = sock is not None and used
+            kind, sock, body = exchange(self.host, self.port, self._path_for(seq), self.timeout, sock)
+            used = sock is not None
+            ended = time.monotonic()
+            self._record(kind, ended - t0, body)
+            self._trace(seq, t0, ended, kind, body, reused)
         if sock is not None:
             sock.close()
 

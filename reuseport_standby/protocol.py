@@ -27,7 +27,9 @@ CONTROL_DIR = "/run/reuseport-standby"
 
 SERVICE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
-OPS = ("hello", "ready", "stop", "readopt", "status", "ping")
+OPS = ("hello", "ready", "stop", "readopt", "status", "ping", "heartbeat", "weight", "promote", "drain", "undrain")
+#: operations that act on the service as a whole (operator commands), not on the caller's instance
+ADMIN_OPS = ("weight", "promote", "drain", "undrain")
 
 
 def check_service(name: str) -> str:
@@ -54,6 +56,8 @@ class Request:
     active: bool = False
     name: str = ""
     nfds: int = 0
+    heartbeat: float | None = None  # seconds between the instance's heartbeats, if it sends them
+    standby_weight: int | None = None
     fields: dict[str, Any] = field(default_factory=dict)
 
 
@@ -75,11 +79,12 @@ def parse_request(raw: bytes, nfds: int = 0) -> Request:
         raise ProtocolError("unknown_op", f"unknown operation {op!r}; expected one of {', '.join(OPS)}")
     role = None
     pid = None
-    if op in ("hello", "readopt"):
+    if op in ("hello", "readopt", "drain", "undrain"):
         try:
             role = Role.parse(msg.get("role"))  # type: ignore[arg-type]
         except (ValueError, TypeError):
             raise ProtocolError("bad_role", f"unknown role {msg.get('role')!r}: expected 'primary' or 'standby'") from None
+    if op in ("hello", "readopt"):
         pid = msg.get("pid")
         if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 2**31:
             raise ProtocolError("bad_pid", f"pid must be a positive integer, got {pid!r}")
@@ -89,12 +94,22 @@ def parse_request(raw: bytes, nfds: int = 0) -> Request:
     name = msg.get("name", "")
     if not isinstance(name, str) or len(name) > 128:
         raise ProtocolError("malformed", "'name' must be a string of at most 128 characters")
+    heartbeat = msg.get("heartbeat")
+    if heartbeat is not None and (isinstance(heartbeat, bool) or not isinstance(heartbeat, (int, float))
+                                  or not 0.05 <= heartbeat <= 60):
+        raise ProtocolError("malformed", f"'heartbeat' must be a number of seconds from 0.05 to 60, got {heartbeat!r}")
+    weight = None
+    if op == "weight":
+        weight = msg.get("standby")
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 100:
+            raise ProtocolError("bad_weight", f"'standby' must be a whole percentage from 0 to 100, got {weight!r}")
     expects_fds = op == "readopt"
     if nfds and not expects_fds:
         raise ProtocolError("unexpected_fds", f"'{op}' carries no file descriptors, got {nfds}")
     if expects_fds and nfds == 0:
         raise ProtocolError("missing_fds", "'readopt' must carry the instance's listening sockets")
-    return Request(op=op, role=role, pid=pid, active=active, name=name, nfds=nfds, fields=msg)
+    return Request(op=op, role=role, pid=pid, active=active, name=name, nfds=nfds,
+                   heartbeat=float(heartbeat) if heartbeat is not None else None, standby_weight=weight, fields=msg)
 
 
 def encode(msg: dict[str, Any]) -> bytes:

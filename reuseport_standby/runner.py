@@ -51,6 +51,7 @@ class RunConfig:
     mount_bpffs: bool = True
     no_migrate: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
+    supervisor_args: list[str] = field(default_factory=list)
 
 
 def run_socket_path(control_path: str) -> str:
@@ -114,6 +115,7 @@ class Runner:
             cmd += ["--mount-bpffs"]
         if self.cfg.no_migrate:
             cmd += ["--no-migrate"]
+        cmd += self.cfg.supervisor_args
         self._supervisor = subprocess.Popen(cmd)
         deadline = time.monotonic() + 30
         while True:

@@ -46,15 +46,17 @@ def render(st: dict[str, Any]) -> str:
         slots = ", ".join(f"{a} slot {s}" for a, s in inst["slots"].items()) or "no slots"
         queues = ", ".join(f"{a} queue {q['queued']}" for a, q in inst["queues"].items())
         lines.append(f"  instance {inst['id']}: {inst['role']} pid {inst['pid']} {inst['state']} ({slots}; {queues})"
-                     + (f" [{inst['name']}]" if inst.get("name") else ""))
+                     + (f" [{inst['name']}]" if inst.get("name") else "")
+                     + (f" demoted: {inst['demoted_for']}" if inst.get("demoted_for") else ""))
     for a in st["addresses"]:
         park = a["parking"]
-        lines.append(f"  {a['address']}  mode {a['mode']}  prog {a['prog_id']}  spans p={a['spans']['primary']} "
-                     f"s={a['spans']['standby']}  weight {a['standby_weight']}")
+        lines.append(f"  {a['address']}  mode {a['mode']}  prog {a['prog_id']}  standby weight {a['standby_weight']}%"
+                     + ("  (roles swapped by promote)" if a.get("roles_swapped") else ""))
         lines.append(f"    parking: {'slotted' if park['slotted'] else 'EMPTY'}, queued {park['queued']}")
         for s in a["slots"]:
             owner = f"instance {s['instance']}" if s.get("instance") else "unclaimed"
-            lines.append(f"    slot {s['slot']:>2} {s['role']:<7} {owner:<12} queued {s['queued']}/{s['backlog']}")
+            lines.append(f"    slot {s['slot']:>2} {s['role']:<7} {owner:<12} queued {s['queued']}/{s['backlog']}"
+                         f"  connections {s['connections']}" + ("  DISABLED" if s.get("disabled") else ""))
         counters = "  ".join(f"{k}={v}" for k, v in a["counters"].items())
         lines.append(f"    counters: {counters}")
     return "\n".join(lines)

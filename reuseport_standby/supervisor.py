@@ -24,19 +24,22 @@ import selectors
 import signal
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import diag, protocol
+from . import diag, pidfd, protocol
 from .errors import ProtocolError, ReuseportStandbyError, SlotsFull
-from .layout import PARKING_SLOT, Config, Role
+from .layout import FLAG_SWAP_ROLES, PARKING_SLOT, Config, Role, slot_range
 from .loader import DEFAULT_PIN_ROOT, Group, socket_cookie
 from .sockets import DEFAULT_BACKLOG, Address, create_listener, is_listening_tcp, requeue
 
 log = logging.getLogger(__name__)
 
 PENDING, ACTIVE, DRAINING = "pending", "active", "draining"
+DRAINED, DEMOTED = "drained", "demoted"   # slots kept but disabled: by an operator, or for hanging
+ON_HANG = ("demote", "term", "kill")
+TICK = 0.1  # seconds between health checks
 
 
 @dataclass
@@ -54,9 +57,32 @@ class Instance:
     pending: dict[Address, socket.socket] = field(default_factory=dict)  # our copies, until activation
     cookies: dict[Address, int] = field(default_factory=dict)
     slots: dict[Address, int] = field(default_factory=dict)
+    heartbeat: float | None = None       # interval the instance promised, if any
+    last_heartbeat: float = field(default_factory=time.monotonic)
+    demoted_at: float = 0.0
+    demotions: int = 0
+    demoted_for: str = ""
+    progress: dict[Address, "Progress"] = field(default_factory=dict)
 
     def describe(self) -> str:
         return f"instance {self.id} ({self.role.value if self.role else '?'}, pid {self.pid}{', ' + self.name if self.name else ''})"
+
+
+@dataclass
+class Progress:
+    """Is an active listener still being accepted from?  (hits from BPF, depth from sock_diag)"""
+
+    hits: int
+    queued: int
+    last: float  # monotonic time of the last sign of progress
+
+    def update(self, hits: int, queued: int, now: float) -> float:
+        """Seconds without progress: nothing accepted while connections waited."""
+        accepted = (hits - self.hits) - (queued - self.queued)
+        if queued == 0 or accepted > 0:
+            self.last = now
+        self.hits, self.queued = hits, queued
+        return now - self.last
 
 
 @dataclass
@@ -80,6 +106,8 @@ class Supervisor:
         pin_root: str = DEFAULT_PIN_ROOT,
         migrate: bool | None = None,
         mount_bpffs: bool = False,
+        stall_timeout: float = 2.0,
+        on_hang: str = "demote",
     ) -> None:
         if not addresses:
             raise ValueError("a service needs at least one --bind address")
@@ -94,6 +122,15 @@ class Supervisor:
         self.pin_dir = Path(pin_root) / service
         self.migrate = migrate
         self.mount_bpffs = mount_bpffs
+        if on_hang not in ON_HANG:
+            raise ValueError(f"--on-hang must be one of {', '.join(ON_HANG)}")
+        if stall_timeout < 0:
+            raise ValueError("--stall-timeout must be >= 0 (0 turns stall detection off)")
+        self.stall_timeout = stall_timeout
+        self.on_hang = on_hang
+        self.swapped = False
+        self.demotions_total = 0
+        self._next_health = 0.0
         self.states: dict[Address, AddressState] = {}
         self.instances: dict[int, Instance] = {}  # by control fd
         self._ids = itertools.count(1)
@@ -110,6 +147,10 @@ class Supervisor:
         try:
             for address in self.addresses:
                 self.states[address] = self._open_address(address)
+            first = next(iter(self.states.values())).group.read_config()
+            self.swapped = first.swapped
+            for st in self.states.values():  # a promote interrupted half-way is finished now
+                self._edit_config(st.group, flags=FLAG_SWAP_ROLES if self.swapped else 0)
             self._server = self._bind_control()
         except BaseException:
             self.close()
@@ -131,6 +172,8 @@ class Supervisor:
 
     def _open_address(self, address: Address) -> AddressState:
         group = Group.open(self.pin_dir / address.group_name, migrate=self.migrate, mount_bpffs=self.mount_bpffs)
+        if self.gid is not None:
+            group.share_read_only(self.gid)
         try:
             anchor = create_listener(address, self.backlog)
         except OSError as exc:
@@ -221,7 +264,8 @@ class Supervisor:
         if notify:
             sd_notify("READY=1\nSTATUS=serving " + ", ".join(map(str, self.addresses)))
         while not self._stopping:
-            self.step(1.0)
+            self.step(TICK)
+            self.check_health()
         log.info("service %s: supervisor stopping; instances keep serving", self.service)
         if notify:
             sd_notify("STOPPING=1")
@@ -308,8 +352,13 @@ class Supervisor:
     def _handle(self, inst: Instance, req: protocol.Request, socks: list[socket.socket]) -> tuple[dict[str, Any], list[int]]:
         if req.op == "ping":
             return {"ok": True}, []
+        if req.op == "heartbeat":
+            inst.last_heartbeat = time.monotonic()
+            return {"ok": True, "state": inst.state}, []
         if req.op == "status":
             return {"ok": True, "status": self.status()}, []
+        if req.op in protocol.ADMIN_OPS:
+            return self._admin(inst, req), []
         if req.op == "hello":
             return self._hello(inst, req)
         if req.op == "readopt":
@@ -328,7 +377,7 @@ class Supervisor:
             raise ProtocolError("already_registered", f"this connection is already {inst.describe()}")
         assert req.role is not None and req.pid is not None
         self._check_room(req.role)
-        inst.role, inst.name = req.role, req.name
+        inst.role, inst.name, inst.heartbeat = req.role, req.name, req.heartbeat
         if req.pid != inst.pid:
             log.debug("instance %d says pid %d; the kernel says %d", inst.id, req.pid, inst.pid)
         created: list[socket.socket] = []
@@ -348,12 +397,16 @@ class Supervisor:
                  "backlog": self.backlog, "cookies": [inst.cookies[a] for a in self.addresses]},
                 [s.fileno() for s in created])
 
+    def _range(self, role: Role) -> range:
+        """Physical slots of a role: after a promote, the roles' ranges are swapped."""
+        return slot_range(role.index ^ int(self.swapped))
+
     def _check_room(self, role: Role) -> None:
         for st in self.states.values():
             used = set(st.group.slots()) | self._reserved(st.address)
-            if all(i in used for i in role.slot_range):
+            if all(i in used for i in self._range(role)):
                 raise SlotsFull(
-                    f"all {len(role.slot_range)} {role.value} slots of {st.address} are taken; "
+                    f"all {len(self._range(role))} {role.value} slots of {st.address} are taken; "
                     f"stop an old {role.value} instance first")
 
     def _reserved(self, address: Address) -> set[int]:
@@ -382,6 +435,7 @@ class Supervisor:
             raise
         inst.slots = chosen
         inst.state = ACTIVE
+        self._start_progress(inst)
         self._close_pending(inst)
         for address in chosen:
             st = self.states[address]
@@ -392,7 +446,7 @@ class Supervisor:
 
     def _free_slot(self, st: AddressState, role: Role) -> int:
         used = set(st.group.slots()) | self._reserved(st.address)
-        for i in role.slot_range:
+        for i in self._range(role):
             if i not in used:
                 return i
         raise SlotsFull(f"all {role.value} slots of {st.address} are taken")
@@ -402,6 +456,7 @@ class Supervisor:
             st = self.states[address]
             if not st.group.clear_slot(slot, inst.cookies[address]):
                 log.debug("%s: slot %d of %s was already empty", inst.describe(), slot, address)
+            self._set_disabled(st.group, [slot], False)
             self._update_spans(st.group)
             self._release_parked(st)
         if inst.slots:
@@ -424,7 +479,7 @@ class Supervisor:
             local = sock.getsockname()
             if local[1] != address.port or sock.family != address.family:
                 raise ProtocolError("address_mismatch", f"the socket sent for {address} is bound to {local[0]}:{local[1]}")
-        inst.role, inst.name = req.role, req.name
+        inst.role, inst.name, inst.heartbeat = req.role, req.name, req.heartbeat
         for address, sock in zip(self.addresses, socks):
             inst.cookies[address] = socket_cookie(sock)
         if req.active:
@@ -438,6 +493,12 @@ class Supervisor:
                     st.group.set_slot(slot, sock)
                 found[address] = slot
             inst.slots, inst.state = found, ACTIVE
+            # The slot says which role the instance serves now (a promote may have swapped it).
+            first_slot = next(iter(found.values()))
+            inst.role = Role.PRIMARY if first_slot in self._range(Role.PRIMARY) else Role.STANDBY
+            if any(self.states[a].group.read_config().disabled >> s & 1 for a, s in found.items()):
+                inst.state = DRAINED  # drained or demoted under the previous supervisor: an operator undrains
+            self._start_progress(inst)
             for address in found:
                 self._update_spans(self.states[address].group)
                 self._release_parked(self.states[address])
@@ -471,14 +532,31 @@ class Supervisor:
     def _update_spans(self, group: Group) -> None:
         occupied = group.slots()
         cfg = group.read_config()
-        spans = {}
-        for role in Role:
-            live = [i - role.slot_range[0] for i in role.slot_range if i in occupied]
-            spans[role] = max(live) + 1 if live else 0
-        new = Config(primary_span=spans[Role.PRIMARY], standby_span=spans[Role.STANDBY],
-                     standby_weight=cfg.standby_weight)
+        spans = []
+        for index in (0, 1):
+            live = [i - slot_range(index)[0] for i in slot_range(index) if i in occupied]
+            spans.append(max(live) + 1 if live else 0)
+        disabled = cfg.disabled
+        for i in range(64):
+            if disabled >> i & 1 and i not in occupied:
+                disabled &= ~(1 << i)  # a slot the kernel emptied keeps no stale mark
+        new = replace(cfg, primary_span=spans[0], standby_span=spans[1], disabled=disabled)
         if new != cfg:
             group.write_config(new)
+
+    def _edit_config(self, group: Group, **changes: int) -> None:
+        cfg = group.read_config()
+        new = replace(cfg, **changes)
+        if new != cfg:
+            group.write_config(new)
+
+    def _set_disabled(self, group: Group, slots: list[int], on: bool) -> None:
+        cfg = group.read_config()
+        mask = cfg.disabled
+        for slot in slots:
+            mask = mask | (1 << slot) if on else mask & ~(1 << slot)
+        if mask != cfg.disabled:
+            group.write_config(replace(cfg, disabled=mask))
 
     def _release_parked(self, st: AddressState) -> None:
         """Move what waits on the anchor to a live instance, if there is one.
@@ -497,6 +575,159 @@ class Supervisor:
             requeue(st.anchor, self.backlog)
             self._fill_parking(st.group, st.anchor)
             log.info("%s: handed %d parked connection(s) to the active instance", st.address, parked)
+
+    # -- operator commands --------------------------------------------------------------
+    def _admin(self, caller: Instance, req: protocol.Request) -> dict[str, Any]:
+        if req.op == "weight":
+            assert req.standby_weight is not None
+            for st in self.states.values():
+                self._edit_config(st.group, standby_weight=req.standby_weight)
+            log.info("standby weight set to %d%% by pid %d", req.standby_weight, caller.pid)
+            return {"ok": True, "standby_weight": req.standby_weight}
+        if req.op == "promote":
+            return self._promote(caller)
+        assert req.role is not None
+        targets = [i for i in self.instances.values() if i.role is req.role and i.slots]
+        if req.op == "drain":
+            targets = [i for i in targets if i.state == ACTIVE]
+            if not targets:
+                raise ProtocolError("no_instance", f"no active {req.role.value} instance to drain")
+            for inst in targets:
+                self._disable(inst, DRAINED)
+                log.info("%s drained by pid %d", inst.describe(), caller.pid)
+        else:  # undrain
+            targets = [i for i in targets if i.state in (DRAINED, DEMOTED)]
+            if not targets:
+                raise ProtocolError("no_instance", f"no drained {req.role.value} instance to undrain")
+            for inst in targets:
+                self._enable(inst)
+                log.info("%s undrained by pid %d", inst.describe(), caller.pid)
+        return {"ok": True, "instances": [{"id": i.id, "pid": i.pid, "state": i.state} for i in targets]}
+
+    def _promote(self, caller: Instance) -> dict[str, Any]:
+        """Swap the roles of the running instances: one flag in the program, no socket moves."""
+        live = {r: [i for i in self.instances.values() if i.role is r and i.state == ACTIVE] for r in Role}
+        if not live[Role.STANDBY]:
+            raise ProtocolError("no_instance", "no active standby to promote")
+        self.swapped = not self.swapped
+        for st in self.states.values():
+            self._edit_config(st.group, flags=FLAG_SWAP_ROLES if self.swapped else 0)
+        for inst in self.instances.values():
+            if inst.role is not None:
+                inst.role = inst.role.other
+        log.info("promote by pid %d: instances %s are now primary", caller.pid,
+                 [i.id for i in live[Role.STANDBY]])
+        return {"ok": True, "swapped": self.swapped,
+                "primary": [i.id for i in live[Role.STANDBY]], "standby": [i.id for i in live[Role.PRIMARY]]}
+
+    def _disable(self, inst: Instance, state: str) -> None:
+        for address, slot in inst.slots.items():
+            self._set_disabled(self.states[address].group, [slot], True)
+        inst.state = state
+
+    def _enable(self, inst: Instance) -> None:
+        for address, slot in inst.slots.items():
+            self._set_disabled(self.states[address].group, [slot], False)
+        inst.state = ACTIVE
+        self._start_progress(inst)
+
+    # -- health: hung instances ------------------------------------------------------------
+    def _start_progress(self, inst: Instance) -> None:
+        now = time.monotonic()
+        inst.progress = {}
+        for address, slot in inst.slots.items():
+            hits = self.states[address].group.slot_hits([slot])[slot]
+            inst.progress[address] = Progress(hits, 0, now)
+
+    def check_health(self) -> None:
+        """Demote an active instance that stopped accepting or stopped sending heartbeats."""
+        now = time.monotonic()
+        if now < self._next_health:
+            return
+        self._next_health = now + TICK
+        watched = [i for i in self.instances.values() if i.state == ACTIVE and i.slots]
+        demoted = [i for i in self.instances.values() if i.state == DEMOTED]
+        if not watched and not demoted:
+            return
+        queues = _safe_queues() if self.stall_timeout and watched else {}
+        for inst in watched:
+            reason = ""
+            if inst.heartbeat and now - inst.last_heartbeat > max(3 * inst.heartbeat, 1.0):
+                reason = f"no heartbeat for {now - inst.last_heartbeat:.1f} s"
+            elif self.stall_timeout and queues:
+                for address, slot in inst.slots.items():
+                    q = queues.get(inst.cookies[address])
+                    hits = self.states[address].group.slot_hits([slot])[slot]
+                    stalled = inst.progress[address].update(hits, q.queued if q else 0, now)
+                    if stalled >= self.stall_timeout:
+                        reason = f"{q.queued if q else 0} connection(s) waited {stalled:.1f} s on {address} with none accepted"
+                        break
+            if reason:
+                self._demote(inst, reason, queues)
+        for inst in demoted:
+            self._maybe_recover(inst, now)
+
+    def _demote(self, inst: Instance, reason: str, queues: dict[int, diag.ListenerQueue]) -> None:
+        self._disable(inst, DEMOTED)  # no new connection from here on
+        inst.demoted_at = time.monotonic()
+        inst.demotions += 1
+        inst.demoted_for = reason
+        self.demotions_total += 1
+        log.warning("%s demoted: %s", inst.describe(), reason)
+        for address, slot in inst.slots.items():
+            self._hand_over_queue(inst, address, slot, queues.get(inst.cookies[address]))
+        if self.on_hang in ("term", "kill"):
+            sig = signal.SIGTERM if self.on_hang == "term" else signal.SIGKILL
+            log.warning("%s: --on-hang=%s: sending %s", inst.describe(), self.on_hang, sig.name)
+            for pid in [inst.pid, *_children(inst.pid)]:
+                try:
+                    os.kill(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+    def _hand_over_queue(self, inst: Instance, address: Address, slot: int, q: diag.ListenerQueue | None) -> None:
+        """Move what waits in a demoted instance's queue to the other instance.
+
+        Borrow its listener (pidfd_getfd), shutdown() it — the kernel migrates
+        the queue through the program, which skips the disabled slot — then
+        listen() again and put it back in its (still disabled) slot, so the
+        instance finds an empty, working listener if it recovers.
+        """
+        if q is None or q.inode == 0:
+            return
+        where = pidfd.find_socket_fd(inst.pid, q.inode)
+        if where is None:
+            log.warning("%s: could not find its %s listener in /proc to hand its queue over", inst.describe(), address)
+            return
+        try:
+            borrowed = pidfd.borrow_socket(*where)
+        except OSError as exc:
+            log.warning("%s: cannot borrow its %s listener (%s): %d queued connection(s) stay with it until it "
+                        "recovers or exits; give the supervisor CAP_SYS_PTRACE to hand them over",
+                        inst.describe(), address, exc.strerror, q.queued)
+            return
+        st = self.states[address]
+        try:
+            borrowed.shutdown(socket.SHUT_RDWR)
+            borrowed.listen(self.backlog)
+            st.group.set_slot(slot, borrowed)
+            log.info("%s: handed %d queued connection(s) on %s to the other instance", inst.describe(), q.queued, address)
+        except OSError as exc:
+            log.warning("%s: handing over the %s queue failed: %s", inst.describe(), address, exc)
+        finally:
+            borrowed.close()
+        self._update_spans(st.group)
+
+    def _maybe_recover(self, inst: Instance, now: float) -> None:
+        if self.on_hang != "demote":
+            return
+        cooldown = min(60.0, max(self.stall_timeout, 1.0) * 2 ** (inst.demotions - 1))
+        if now - inst.demoted_at < cooldown:
+            return
+        if inst.heartbeat and inst.last_heartbeat <= inst.demoted_at:
+            return  # still silent
+        log.info("%s recovered; back in service (demoted %d time(s))", inst.describe(), inst.demotions)
+        self._enable(inst)
 
     def _watch_anchor(self, st: AddressState, on: bool) -> None:
         try:
@@ -517,16 +748,22 @@ class Supervisor:
             addresses.append(address_status(st.address, st.group, queues, parking=socket_cookie(st.anchor),
                                              owners={inst.cookies[st.address]: inst.id for inst in self.instances.values()
                                                      if st.address in inst.cookies}))
+        now = time.monotonic()
         return {
             "service": self.service,
             "supervisor": {"pid": os.getpid(), "uptime_s": round(time.time() - self.started_at, 1),
-                           "control": self.control_path, "pin_dir": str(self.pin_dir)},
+                           "control": self.control_path, "pin_dir": str(self.pin_dir),
+                           "stall_timeout_s": self.stall_timeout, "on_hang": self.on_hang,
+                           "demotions": self.demotions_total},
+            "roles_swapped": self.swapped,
             "addresses": addresses,
             "instances": [
                 {"id": i.id, "role": i.role.value if i.role else None, "pid": i.pid, "uid": i.uid, "name": i.name,
                  "state": i.state, "since": round(i.since, 3),
                  "slots": {str(a): s for a, s in i.slots.items()},
-                 "queues": {str(a): _queue_dict(queues.get(c)) for a, c in i.cookies.items()}}
+                 "queues": {str(a): _queue_dict(queues.get(c)) for a, c in i.cookies.items()},
+                 "heartbeat_age_s": round(now - i.last_heartbeat, 2) if i.heartbeat else None,
+                 "demotions": i.demotions, "demoted_for": i.demoted_for or None}
                 for i in self.instances.values() if i.role is not None
             ],
         }
@@ -539,16 +776,23 @@ def address_status(address: Address, group: Group, queues: dict[int, diag.Listen
     slots = group.slots()
     cfg = group.read_config()
     park_cookie = slots.get(PARKING_SLOT, parking)
+    swapped = cfg.swapped
+    hits = group.slot_hits(sorted(slots))
+
+    def role_of(i: int) -> str:
+        return "primary" if (i >= Role.STANDBY.slot_range[0]) == swapped else "standby"
+
     return {
         "address": str(address),
         "mode": "select_or_migrate" if group.migrate else "select",
         "prog_id": group.prog_info.id if group.prog_fd >= 0 else None,
         "standby_weight": cfg.standby_weight,
-        "spans": {"primary": cfg.primary_span, "standby": cfg.standby_span},
+        "roles_swapped": swapped,
+        "spans": {"range0": cfg.primary_span, "range1": cfg.standby_span},
         "parking": {"slotted": PARKING_SLOT in slots, **_queue_dict(queues.get(park_cookie) if park_cookie else None)},
         "slots": [
-            {"slot": i, "role": "primary" if i < Role.STANDBY.slot_range[0] else "standby", "cookie": c,
-             "instance": owners.get(c), **_queue_dict(queues.get(c))}
+            {"slot": i, "role": role_of(i), "cookie": c, "instance": owners.get(c),
+             "disabled": bool(cfg.disabled >> i & 1), "connections": hits.get(i, 0), **_queue_dict(queues.get(c))}
             for i, c in sorted(slots.items()) if i != PARKING_SLOT
         ],
         "counters": group.counters().as_dict(),
@@ -582,6 +826,16 @@ def _adopt_fds(fds: list[int]) -> tuple[list[socket.socket], int]:
             os.close(fd)
             junk += 1
     return socks, junk
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            out += [int(c) for c in (task / "children").read_text().split()]
+    except OSError:
+        pass
+    return out
 
 
 def _peercred(conn: socket.socket) -> tuple[int, int, int]:

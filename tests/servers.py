@@ -3,10 +3,12 @@ restart them under load, and report what the clients saw."""
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +18,7 @@ from procs import REPO, SupervisorProc, stop_process_group, wait_for
 from reuseport_standby.loadgen import Load, LoadResult
 
 BIN = Path(sys.executable).parent
+SIGTERM = signal.SIGTERM  # InstanceProc.signal() shadows the module inside the class body
 
 
 @dataclass
@@ -66,7 +69,7 @@ class InstanceProc:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+    def stop(self, sig: int = SIGTERM, timeout: float = 30.0) -> int | None:
         """Signal the instance's main process and wait for its whole session to exit."""
         assert self.proc is not None
         self.signal(sig)
@@ -129,3 +132,295 @@ def restart_under_load(
         result = load.stop()
         primary.stop()
     return RestartReport(result, done)
+
+
+# -- traced restarts: which restart each failure belongs to --------------------------------
+
+APPS = REPO / "tests" / "apps"
+
+
+def gunicorn_cmd(app: str, *args: str, config: str = "python:reuseport_standby.conf") -> list[str]:
+    """A gunicorn command line using reuseport-standby's config module."""
+    return [str(BIN / "gunicorn"), "-c", config, *args, app]
+
+
+def worker_pids(proc: subprocess.Popen) -> list[int]:
+    """The direct children of a process (a gunicorn master's workers)."""
+    try:
+        text = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def migrate_counters() -> dict[str, int]:
+    """The kernel's TcpExt TCPMigrateReq* counters (what ``nstat`` shows), from /proc/net/netstat."""
+    lines = Path("/proc/net/netstat").read_text().splitlines()
+    for names, values in zip(lines[::2], lines[1::2], strict=True):
+        if names.startswith("TcpExt:"):
+            row = dict(zip(names.split()[1:], map(int, values.split()[1:]), strict=True))
+            return {k: v for k, v in row.items() if k.startswith("TCPMigrateReq")}
+    return {}
+
+
+@dataclass
+class Step:
+    """One fault injected into the primary: its kind and when the signal was sent (CLOCK_MONOTONIC)."""
+
+    kind: str
+    at: float
+
+
+@dataclass
+class TracedReport:
+    """A restart run: the load's result, the steps, and each failure attributed to its step."""
+
+    load: LoadResult
+    steps: list[Step]
+    migrations: dict[str, int] = field(default_factory=dict)
+
+    def failures_of(self, step: Step | None) -> list[tuple[float, float, str]]:
+        """Failures that ended after ``step`` began and before the next one (None: before the first step)."""
+        starts = [s.at for s in self.steps]
+        out = []
+        for ev in self.load.failure_events:
+            i = sum(1 for t in starts if t <= ev[1]) - 1
+            owner = self.steps[i] if i >= 0 else None
+            if owner is step:
+                out.append(ev)
+        return out
+
+    def in_flight(self, step: Step) -> list[tuple[float, float, str]]:
+        """Failures of ``step`` whose request was sent before its signal."""
+        return [ev for ev in self.failures_of(step) if ev[0] < step.at]
+
+    def after_signal(self, step: Step) -> list[tuple[float, float, str]]:
+        """Failures of ``step`` whose request was sent after its signal: none may be lost this way."""
+        return [ev for ev in self.failures_of(step) if ev[0] >= step.at]
+
+    def by_kind(self) -> dict[str, list[int]]:
+        """Failure count of every step, grouped by step kind."""
+        counts: dict[str, list[int]] = {}
+        for s in self.steps:
+            counts.setdefault(s.kind, []).append(len(self.failures_of(s)))
+        return counts
+
+    def __str__(self) -> str:
+        kinds = "; ".join(f"{k}: {sum(v)} failed over {len(v)} ({v})" for k, v in self.by_kind().items())
+        return (f"{len(self.steps)} steps, {kinds}; before any step: {len(self.failures_of(None))}; "
+                f"migrations {self.migrations}; {self.load.summary()}")
+
+
+def _kill_master(primary: InstanceProc, timeout: float = 15.0) -> None:
+    """SIGKILL only the master; its orphaned workers notice and exit on their own."""
+    assert primary.proc is not None
+    primary.signal(signal.SIGKILL)
+    primary.proc.wait(5)
+    pgid = primary.proc.pid
+
+    def gone() -> bool:
+        try:
+            os.killpg(pgid, 0)
+            return False
+        except ProcessLookupError:
+            return True
+
+    try:
+        wait_for(gone, timeout, 0.05, what="orphaned workers to exit")
+    finally:
+        stop_process_group(primary.proc, signal.SIGKILL, 5)
+
+
+def _kill_workers(primary: InstanceProc) -> None:
+    """SIGKILL every worker at once; the master stays and forks new ones."""
+    assert primary.proc is not None
+    for pid in worker_pids(primary.proc):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def restart_traced(
+    make_primary: Callable[[], InstanceProc],
+    primary: InstanceProc,
+    *,
+    host: str,
+    port: int,
+    schedule: Sequence[str] = ("term", "kill") * 5,
+    concurrency: int = 8,
+    settle: float = 0.4,
+    max_seconds: float = 120.0,
+) -> TracedReport:
+    """Inject ``schedule`` into the primary under a bounded load and time every step.
+
+    Steps: ``term`` (SIGTERM the master, wait for its exit, start a new
+    primary), ``kill`` (SIGKILL master and workers at once, start a new
+    one), ``kill_master`` (SIGKILL the master only, wait for its orphaned
+    workers to leave, start a new one), ``kill_workers`` (SIGKILL every
+    worker; the master forks new ones), ``hup`` (reload in place).  The
+    standby must be active, and ``primary`` running and active.
+    """
+    steps: list[Step] = []
+    before = migrate_counters()
+    load = Load(host, port, concurrency=concurrency, duration=max_seconds).start()
+    try:
+        time.sleep(settle)
+        for kind in schedule:
+            steps.append(Step(kind, time.monotonic()))
+            if kind == "term":
+                primary.stop(signal.SIGTERM)
+            elif kind == "kill":
+                primary.kill_group()
+            elif kind == "kill_master":
+                _kill_master(primary)
+            elif kind == "kill_workers":
+                _kill_workers(primary)
+            elif kind == "hup":
+                primary.signal(signal.SIGHUP)
+            else:
+                raise ValueError(f"unknown step {kind!r}")
+            if kind in ("term", "kill", "kill_master"):
+                time.sleep(settle / 2)
+                primary = make_primary().start().wait_active()
+            time.sleep(settle)
+    finally:
+        result = load.stop()
+        primary.stop()
+    after = migrate_counters()
+    return TracedReport(result, steps, {k: after[k] - before.get(k, 0) for k in after})
+
+
+@dataclass
+class Answer:
+    """One probe request: when it was sent and ended (CLOCK_MONOTONIC), and what came back."""
+
+    sent: float
+    ended: float
+    status: int
+    body: str
+    error: str = ""
+
+
+class Probe:
+    """A few threads sending requests and keeping every body, to see who answered and when.
+
+    Bounded by ``duration`` seconds and ``max_requests``; loopback only.
+    """
+
+    def __init__(self, host: str, port: int, *, threads: int = 2, duration: float = 30.0,
+                 max_requests: int = 50_000, timeout: float = 5.0) -> None:
+        self.host, self.port, self.timeout = host, port, timeout
+        self.duration, self.max_requests = duration, max_requests
+        self.answers: list[Answer] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.duration
+        while not self._stop.is_set() and time.monotonic() < deadline and len(self.answers) < self.max_requests:
+            sent = time.monotonic()
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            try:
+                conn.request("GET", "/", headers={"Connection": "close"})
+                resp = conn.getresponse()
+                answer = Answer(sent, time.monotonic(), resp.status, resp.read().decode(errors="replace"))
+            except (OSError, http.client.HTTPException) as exc:
+                answer = Answer(sent, time.monotonic(), 0, "", type(exc).__name__)
+            finally:
+                conn.close()
+            self.answers.append(answer)
+
+    def __enter__(self) -> "Probe":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(self.timeout + 5)
+
+
+
+def uvicorn_instance(sup: SupervisorProc, role: str, app: str, *options: str,
+                     env: dict[str, str] | None = None, app_dir: Path = APPS) -> InstanceProc:
+    """``reuseport-standby uvicorn APP OPTIONS`` (APP an import string under ``app_dir``)."""
+    cmd = [sys.executable, "-m", "reuseport_standby", "uvicorn", "--app-dir", str(app_dir), app, *options]
+    return InstanceProc(cmd, sup, role, env=dict(env or {}))
+
+
+def roll_traced(
+    make_primary: Callable[[], InstanceProc],
+    primary: InstanceProc,
+    *,
+    host: str,
+    port: int,
+    times: int = 5,
+    concurrency: int = 8,
+    settle: float = 0.4,
+    max_seconds: float = 120.0,
+) -> TracedReport:
+    """Rolling restarts (the deploy path) under a bounded load, traced like :func:`restart_traced`.
+
+    Each step starts a new primary, waits until it is active (two primaries
+    share the traffic for a moment), then SIGTERMs the old one; the step's
+    time is that of the SIGTERM.  The last primary is stopped at the end.
+    """
+    steps: list[Step] = []
+    before = migrate_counters()
+    load = Load(host, port, concurrency=concurrency, duration=max_seconds).start()
+    try:
+        time.sleep(settle)
+        for _ in range(times):
+            successor = make_primary().start().wait_active()
+            steps.append(Step("roll", time.monotonic()))
+            primary.stop(signal.SIGTERM)
+            primary = successor
+            time.sleep(settle)
+    finally:
+        result = load.stop()
+        primary.stop()
+    after = migrate_counters()
+    return TracedReport(result, steps, {k: after[k] - before.get(k, 0) for k in after})
+
+
+def freeze_kill_traced(
+    make_primary: Callable[[], InstanceProc],
+    primary: InstanceProc,
+    *,
+    host: str,
+    port: int,
+    times: int = 5,
+    freeze: float = 0.3,
+    concurrency: int = 8,
+    settle: float = 0.4,
+    max_seconds: float = 120.0,
+) -> TracedReport:
+    """A primary that hangs (SIGSTOP to its whole group) and is then SIGKILLed, under a bounded load.
+
+    The step's time is that of the SIGSTOP: a request sent after it cannot
+    have been accepted by the frozen processes, so ``after_signal(step)``
+    are exactly the failures of requests that only sat in the dead
+    primary's queue.  A new primary is started after each kill; the last one
+    is stopped at the end.
+    """
+    steps: list[Step] = []
+    before = migrate_counters()
+    load = Load(host, port, concurrency=concurrency, duration=max_seconds).start()
+    try:
+        time.sleep(settle)
+        for _ in range(times):
+            assert primary.proc is not None
+            steps.append(Step("freeze_kill", time.monotonic()))
+            os.killpg(primary.proc.pid, signal.SIGSTOP)
+            time.sleep(freeze)
+            primary.kill_group()
+            time.sleep(settle / 2)
+            primary = make_primary().start().wait_active()
+            time.sleep(settle)
+    finally:
+        result = load.stop()
+        primary.stop()
+    after = migrate_counters()
+    return TracedReport(result, steps, {k: after[k] - before.get(k, 0) for k in after})

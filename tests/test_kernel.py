@@ -243,12 +243,12 @@ def test_pinned_state_outlives_loader_and_is_readopted(pin_root: Path, address: 
         assert g.prog_info.id == prog_id, "the pinned program is re-adopted, not duplicated"
         assert g.map_ids["rs_slots"] == slots_id
         assert g.read_config() == Config(primary_span=3, standby_weight=7)
-        assert sorted(os.listdir(pin)) == ["prog_migrate", "rs_config", "rs_counters", "rs_slots"]
+        assert sorted(os.listdir(pin)) == ["prog_migrate", "rs_config", "rs_counters", "rs_slot_hits", "rs_slots"]
         assert not g.replaced_program
     # Switching to plain SELECT replaces the pinned program rather than mixing.
     with Group.open(pin, migrate=False) as g:
         assert g.replaced_program
-        assert sorted(os.listdir(pin)) == ["prog_select", "rs_config", "rs_counters", "rs_slots"]
+        assert sorted(os.listdir(pin)) == ["prog_select", "rs_config", "rs_counters", "rs_slot_hits", "rs_slots"]
 
 
 def test_non_tcp_traffic_passes_untouched(pin_root: Path, kernel: None) -> None:

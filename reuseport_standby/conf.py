@@ -1,0 +1,26 @@
+"""gunicorn settings for reuseport-standby.
+
+    REUSEPORT_STANDBY_ROLE=primary gunicorn -c python:reuseport_standby.conf app:app
+
+Environment: ``REUSEPORT_STANDBY_ROLE`` (``primary`` or ``standby``, required),
+``REUSEPORT_STANDBY_SERVICE`` (default ``default``), ``REUSEPORT_STANDBY_CONTROL``
+(the supervisor's control socket, default ``/run/reuseport-standby/SERVICE.sock``).
+
+Importing this module registers the gunicorn master with the supervisor and
+takes its listeners; the logic lives in :mod:`reuseport_standby.gunicorn`.
+gunicorn applies every module-level name that matches a setting, so only
+settings are public here.  A project config of its own does
+``from reuseport_standby.conf import *`` and composes hooks it also needs
+(docs/gunicorn.md).
+"""
+
+from reuseport_standby import gunicorn as _integration
+
+bind = _integration.current().binds
+control_socket = _integration.current().control_socket
+on_starting = _integration.on_starting
+post_worker_init = _integration.post_worker_init
+worker_exit = _integration.worker_exit
+on_exit = _integration.on_exit
+
+__all__ = ["bind", "control_socket", "on_starting", "post_worker_init", "worker_exit", "on_exit"]

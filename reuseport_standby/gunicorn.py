@@ -1,0 +1,381 @@
+"""The gunicorn integration: listeners from the supervisor, ready when serving, leave before draining.
+
+Used through :mod:`reuseport_standby.conf` (``gunicorn -c python:reuseport_standby.conf app:app``);
+the hooks here are plain functions so that a project's own gunicorn config
+can import them and :func:`compose` them with its own.
+
+- **Listeners.**  When the config is imported, the gunicorn master registers
+  with the supervisor and binds the sockets it receives as ``fd://N``.
+  gunicorn adopts them and keeps them across its own HUP reloads.
+- **Ready means serving.**  Every gunicorn worker calls ``Worker.notify()``
+  (its heartbeat) from its serving loop, never before: sync and gthread
+  once their listeners are polled, ``uvicorn_worker.UvicornWorker`` only
+  after ASGI lifespan startup and ``create_server``.  The first heartbeat of
+  a worker writes its pid to a pipe; a thread in the master reads it and
+  asks the supervisor to activate the instance.
+- **Leave before draining.**  ``Arbiter.stop()`` is where every shutdown
+  (SIGTERM, SIGINT, SIGQUIT, a halt after a boot failure) closes the
+  listeners and signals the workers.  It is wrapped so the instance first
+  leaves its slots: nothing new arrives, what is queued migrates when the
+  last copy of the listener closes, what was accepted completes.  Workers
+  close their copies as soon as they are done serving (``worker_exit``),
+  so the queue does not wait for their interpreters to tear down.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from . import protocol
+from .client import InstanceClient
+from .errors import ReuseportStandbyError
+from .layout import Role
+
+if TYPE_CHECKING:
+    from gunicorn.arbiter import Arbiter
+    from gunicorn.workers.base import Worker
+
+log = logging.getLogger(__name__)
+
+ENV_ROLE = "REUSEPORT_STANDBY_ROLE"
+ENV_SERVICE = "REUSEPORT_STANDBY_SERVICE"
+ENV_CONTROL = "REUSEPORT_STANDBY_CONTROL"
+ENV_CONNECT_TIMEOUT = "REUSEPORT_STANDBY_CONNECT_TIMEOUT"
+
+WORKER_BOOT_ERROR = 3  # gunicorn.arbiter.Arbiter.WORKER_BOOT_ERROR: the master halts on it
+_HOOK_MARK = "__reuseport_standby_hook__"
+
+
+class ConfigurationError(ReuseportStandbyError, RuntimeError):
+    """gunicorn settings that would defeat the integration.
+
+    A RuntimeError so that gunicorn prints just the message and exits 1.
+    """
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where this instance belongs, from the environment."""
+
+    role: Role
+    service: str = protocol.DEFAULT_SERVICE
+    control: str | None = None
+    connect_timeout: float = 30.0
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
+        env = dict(os.environ if env is None else env)
+        role = env.get(ENV_ROLE, "")
+        if not role:
+            raise ConfigurationError(
+                f"{ENV_ROLE} is not set: start gunicorn with {ENV_ROLE}=primary or {ENV_ROLE}=standby")
+        try:
+            parsed_role = Role.parse(role)
+        except ValueError as exc:
+            raise ConfigurationError(f"{ENV_ROLE}: {exc}") from None
+        try:
+            service = protocol.check_service(env.get(ENV_SERVICE) or protocol.DEFAULT_SERVICE)
+        except ValueError as exc:
+            raise ConfigurationError(f"{ENV_SERVICE}: {exc}") from None
+        try:
+            timeout = float(env.get(ENV_CONNECT_TIMEOUT, "30"))
+        except ValueError:
+            raise ConfigurationError(f"{ENV_CONNECT_TIMEOUT} must be a number of seconds") from None
+        return cls(role=parsed_role, service=service, control=env.get(ENV_CONTROL) or None, connect_timeout=timeout)
+
+
+class GunicornInstance:
+    """This gunicorn master's membership in its service: one per master process."""
+
+    def __init__(self, settings: Settings, client: InstanceClient, fds: list[int]) -> None:
+        self.settings = settings
+        self.client = client
+        self.fds = fds
+        self._owner = os.getpid()
+        self._server: Arbiter | None = None
+        self._ready_r = -1
+        self._ready_w = -1
+
+    @classmethod
+    def open(cls, settings: Settings) -> "GunicornInstance":
+        """Register with the supervisor and take this instance's listeners."""
+        client = InstanceClient(settings.role, settings.service, control=settings.control, name="gunicorn",
+                                connect_timeout=settings.connect_timeout)
+        socks = client.open()
+        # gunicorn dups each fd://N and closes N, so the socket objects must let go of them.
+        return cls(settings, client, [s.detach() for s in socks])
+
+    @property
+    def binds(self) -> list[str]:
+        return [f"fd://{fd}" for fd in self.fds]
+
+    @property
+    def control_socket(self) -> str:
+        """A path for gunicorn's own control socket (gunicorn >= 25) that is this instance's alone.
+
+        gunicorn's default is one path per user, so a primary and a standby
+        would take it from each other, and the first to exit would unlink
+        the other's.  Same directory as gunicorn's default, one name per
+        service and role.
+        """
+        runtime = os.environ.get("XDG_RUNTIME_DIR")
+        base = runtime if runtime and os.path.isdir(runtime) else os.path.join(os.path.expanduser("~"), ".gunicorn")
+        return os.path.join(base, f"gunicorn-{self.settings.service}-{self.settings.role.value}.ctl")
+
+    # -- master ---------------------------------------------------------------------
+    def attach(self, server: "Arbiter") -> None:
+        """In the master, before listeners exist: check settings, wire ready and stop."""
+        if self._server is not None:
+            return
+        problems = self.problems(server)
+        if problems:
+            message = "reuseport-standby cannot run this gunicorn:\n  - " + "\n  - ".join(problems)
+            if server.cfg.errorlog != "-" or server.cfg.daemon:
+                server.log.error(message)  # gunicorn prints the exception to stderr, which may be gone
+            if server.pidfile is not None:
+                server.pidfile.unlink()
+            raise ConfigurationError(message)
+        self._server = server
+        self._open_ready_pipe()
+        server.stop = self._leave_first(server.stop)
+        server.log.info("reuseport-standby: %s instance %s of service %s on %s; active once a worker serves",
+                        self.client.role.value, self.client.instance_id, self.client.service,
+                        ", ".join(map(str, self.client.addresses)))
+
+    def problems(self, server: "Arbiter") -> list[str]:
+        """What in gunicorn's final settings would make it misbehave with these listeners."""
+        cfg = server.cfg
+        found = []
+        if cfg.daemon or os.getpid() != self._owner:
+            found.append("daemon mode forks the master away from its supervisor connection: run gunicorn in the "
+                         "foreground (systemd, a container, supervisord) and drop --daemon / daemon = True")
+        if cfg.reuse_port:
+            found.append("reuse_port = True gives every worker a socket of its own and ignores the supervisor's: "
+                         "drop --reuse-port / reuse_port")
+        bind = list(cfg.bind)
+        if sorted(bind) != sorted(self.binds):
+            others = [b for b in bind if b not in self.binds]
+            found.append(f"gunicorn was given bind {others or bind} instead of the supervisor's listeners "
+                         f"{self.binds}: the supervisor owns the addresses (reuseport-standby supervise --bind), "
+                         f"so drop -b/--bind, bind = ... and any bind in GUNICORN_CMD_ARGS")
+        if os.environ.get("GUNICORN_FD") or os.environ.get("GUNICORN_PID"):
+            found.append("this master was re-executed by USR2, which cannot keep supervisor listeners: "
+                         "restart the instance instead (the other instance carries the traffic meanwhile)")
+        if os.environ.get("LISTEN_FDS") and os.environ.get("LISTEN_PID") == str(os.getpid()):
+            found.append("systemd socket activation (LISTEN_FDS) would replace the supervisor's listeners: "
+                         "remove the .socket unit from this service")
+        if not getattr(cfg.post_worker_init, _HOOK_MARK, False):
+            found.append("post_worker_init is not reuseport-standby's, so this instance would never become ready: "
+                         "keep yours with post_worker_init = reuseport_standby.gunicorn.compose("
+                         "reuseport_standby.gunicorn.post_worker_init, your_hook)")
+        return found
+
+    def _open_ready_pipe(self) -> None:
+        self._ready_r, self._ready_w = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(self._ready_w, False)  # a worker must never wait on the master
+        threading.Thread(target=self._read_ready_pipe, name="reuseport-standby-ready", daemon=True).start()
+
+    def _read_ready_pipe(self) -> None:
+        pending = b""
+        while True:
+            try:
+                chunk = os.read(self._ready_r, 512)
+            except OSError:
+                return
+            if not chunk:
+                return
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                if line.isdigit():
+                    self._worker_serving(int(line))
+
+    def _worker_serving(self, pid: int) -> None:
+        if self.client.state != "pending":
+            log.debug("reuseport-standby: worker %d is serving", pid)
+            return
+        log.info("reuseport-standby: worker %d is serving; activating this instance", pid)
+        try:
+            self.client.ready()
+        except RuntimeError:
+            return  # the instance began to stop in the meantime
+        except (ReuseportStandbyError, OSError) as exc:
+            log.error("reuseport-standby: the supervisor did not activate this instance (%s); shutting down "
+                      "so that it can be restarted", exc)
+            os.kill(self._owner, signal.SIGTERM)
+
+    def _leave_first(self, stop: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(stop)
+        def leave_then_stop(graceful: bool = True) -> None:
+            self.leave()
+            stop(graceful)
+
+        return leave_then_stop
+
+    def leave(self) -> None:
+        """Leave the slots: no new connection arrives; the listeners keep serving their queue."""
+        if self.client.state in ("pending", "active"):
+            self.client.stop()
+
+    def close(self) -> None:
+        self.client.close()
+
+    # -- workers ----------------------------------------------------------------------
+    def watch(self, worker: "Worker") -> None:
+        """In a worker whose app is loaded: report its first heartbeat, i.e. that it serves."""
+        heartbeat = worker.notify
+
+        def first_heartbeat() -> None:
+            worker.notify = heartbeat
+            heartbeat()
+            try:
+                os.write(self._ready_w, b"%d\n" % os.getpid())
+            except OSError as exc:
+                log.warning("reuseport-standby: could not tell the master that worker %d serves: %s", os.getpid(), exc)
+
+        worker.notify = first_heartbeat
+
+    def release(self, worker: "Worker") -> None:
+        """In a worker that is done serving: close its copies of the listeners now.
+
+        A stopping instance's queue migrates when the last copy of its
+        listener closes.  Left to the interpreter, a worker's copies close
+        only once it has torn down (hundreds of milliseconds for a Django
+        app), and the queue waits that long.  Listeners the master still
+        holds (HUP, worker recycling) stay open.
+        """
+        if os.getpid() != worker.pid:
+            return  # gunicorn also calls worker_exit in the master, for a worker that vanished
+        for sock in worker.sockets:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def _after_fork_in_child(self) -> None:
+        if self._ready_r >= 0:
+            os.close(self._ready_r)  # only the master reads; workers only write
+            self._ready_r = -1
+
+
+_current: GunicornInstance | None = None
+_current_lock = threading.Lock()
+
+
+def current() -> GunicornInstance:
+    """This process's instance, registering with the supervisor on first use.
+
+    Idempotent, so a config file that gunicorn re-executes on HUP does not
+    register a second time.
+    """
+    global _current
+    with _current_lock:
+        if _current is None:
+            _current = GunicornInstance.open(Settings.from_env())
+        return _current
+
+
+def _after_fork_in_child() -> None:
+    if _current is not None:
+        _current._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _ToGunicornErrorLog(logging.Handler):
+    """Send this package's records to gunicorn's error log, at gunicorn's level."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        target = logging.getLogger("gunicorn.error")
+        if record.levelno >= target.getEffectiveLevel():
+            target.handle(record)
+
+
+def _route_logging() -> None:
+    pkg = logging.getLogger(__package__ or "reuseport_standby")
+    if pkg.handlers or logging.getLogger().handlers:
+        return  # the app or the operator configured logging already
+    pkg.addHandler(_ToGunicornErrorLog())
+    pkg.setLevel(logging.DEBUG)
+    pkg.propagate = False
+
+
+def _hook(fn: Callable[..., None]) -> Callable[..., None]:
+    setattr(fn, _HOOK_MARK, True)
+    return fn
+
+
+@_hook
+def on_starting(server: "Arbiter") -> None:
+    """gunicorn hook (master, settings final, no listeners yet)."""
+    _route_logging()
+    current().attach(server)
+
+
+@_hook
+def post_worker_init(worker: "Worker") -> None:
+    """gunicorn hook (worker, app loaded, before its serving loop)."""
+    if _current is None or _current._ready_w < 0:
+        log.critical("reuseport-standby: this worker cannot report that it serves, because the master did not "
+                     "run reuseport-standby's on_starting hook; keep yours with on_starting = "
+                     "reuseport_standby.gunicorn.compose(reuseport_standby.gunicorn.on_starting, your_hook)")
+        sys.exit(WORKER_BOOT_ERROR)
+    _current.watch(worker)
+
+
+@_hook
+def worker_exit(server: "Arbiter", worker: "Worker") -> None:
+    """gunicorn hook (worker, done serving; also master, for a worker that vanished)."""
+    if _current is not None:
+        _current.release(worker)
+
+
+@_hook
+def on_exit(server: "Arbiter") -> None:
+    """gunicorn hook (master, workers gone)."""
+    if _current is not None:
+        _current.close()
+
+
+HOOKS: dict[str, Callable[..., None]] = {"on_starting": on_starting, "post_worker_init": post_worker_init,
+                                          "worker_exit": worker_exit, "on_exit": on_exit}
+
+
+def _arity(fn: Callable[..., Any]) -> int:
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in kinds for p in inspect.signature(fn).parameters.values())
+
+
+def compose(*hooks: Callable[..., Any]) -> Callable[..., None]:
+    """One gunicorn hook that calls ``hooks`` in order, e.g. reuseport-standby's and a project's own.
+
+    gunicorn checks a hook's arity, so all must take the same number of
+    arguments, and the result keeps that signature.
+    """
+    if not hooks:
+        raise TypeError("compose() needs at least one hook")
+    arity = _arity(hooks[0])
+    for h in hooks[1:]:
+        if _arity(h) != arity:
+            raise TypeError(f"cannot compose {getattr(h, '__name__', h)!r}: it takes {_arity(h)} arguments, "
+                            f"{getattr(hooks[0], '__name__', hooks[0])!r} takes {arity}")
+
+    def composed(*args: Any) -> None:
+        for h in hooks:
+            h(*args)
+
+    composed.__signature__ = inspect.signature(hooks[0])  # type: ignore[attr-defined]
+    composed.__name__ = "+".join(getattr(h, "__name__", "hook") for h in hooks)
+    composed.__qualname__ = composed.__name__
+    composed.__doc__ = f"gunicorn hook composed of {composed.__name__}"
+    if any(getattr(h, _HOOK_MARK, False) for h in hooks):
+        setattr(composed, _HOOK_MARK, True)
+    return composed

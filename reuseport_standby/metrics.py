@@ -1,0 +1,112 @@
+"""Prometheus metrics for one supervisor, read at scrape time from the BPF maps,
+the supervisor's instance table, sock_diag and the kernel's TcpExt counters."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Iterator
+
+from .sockets import Address
+
+if TYPE_CHECKING:
+    from .supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+COUNTER_KINDS = {  # BPF counter -> (kind, role)
+    "selected_primary": ("selected", "primary"),
+    "selected_standby": ("selected", "standby"),
+    "parked": ("parked", ""),
+    "migrated_primary": ("migrated", "primary"),
+    "migrated_standby": ("migrated", "standby"),
+    "migrated_parked": ("migrated", "parking"),
+    "fell_back": ("fell_back", ""),
+    "migrate_fell_back": ("migrate_fell_back", ""),
+}
+
+
+def tcpext(names: tuple[str, ...] = ("TCPMigrateReqSuccess", "TCPMigrateReqFailure", "ListenDrops", "ListenOverflows")) -> dict[str, int]:
+    """Counters from /proc/net/netstat's TcpExt section (what ``nstat`` shows)."""
+    out: dict[str, int] = {}
+    try:
+        lines = open("/proc/net/netstat").read().splitlines()
+    except OSError:
+        return out
+    for header, values in zip(lines[::2], lines[1::2]):
+        if header.startswith("TcpExt:"):
+            for k, v in zip(header.split()[1:], values.split()[1:]):
+                if k in names:
+                    out[k] = int(v)
+    return out
+
+
+class SupervisorCollector:
+    """A prometheus_client collector; nothing is cached between scrapes."""
+
+    def __init__(self, sup: "Supervisor") -> None:
+        self.sup = sup
+
+    def collect(self) -> Iterator[object]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        from .supervisor import _safe_queues
+
+        sup = self.sup
+        conns = CounterMetricFamily("reuseport_standby_connections", "Connections the BPF program placed, by kind and role",
+                                    labels=["service", "address", "kind", "role"])
+        weight = GaugeMetricFamily("reuseport_standby_standby_weight_percent", "Share of new connections offered to the standby first",
+                                   labels=["service", "address"])
+        queue = GaugeMetricFamily("reuseport_standby_queue_depth", "Connections waiting in a listener's accept queue",
+                                  labels=["service", "address", "owner"])
+        queues = _safe_queues()
+        for address, st in list(sup.states.items()):
+            a = str(address)
+            for name, value in st.group.counters().as_dict().items():
+                kind, role = COUNTER_KINDS[name]
+                conns.add_metric([sup.service, a, kind, role], value)
+            weight.add_metric([sup.service, a], st.group.read_config().standby_weight)
+            parked = queues.get(_cookie(st.anchor))
+            queue.add_metric([sup.service, a, "parking"], parked.queued if parked else 0)
+        instances = GaugeMetricFamily("reuseport_standby_instances", "Instances by role and state", labels=["service", "role", "state"])
+        counts: dict[tuple[str, str], int] = {}
+        for inst in list(sup.instances.values()):
+            if inst.role is None:
+                continue
+            counts[(inst.role.value, inst.state)] = counts.get((inst.role.value, inst.state), 0) + 1
+            for address, cookie in inst.cookies.items():
+                q = queues.get(cookie)
+                queue.add_metric([sup.service, str(address), f"{inst.role.value}:{inst.pid}"], q.queued if q else 0)
+        for (role, state), n in counts.items():
+            instances.add_metric([sup.service, role, state], n)
+        demotions = CounterMetricFamily("reuseport_standby_demotions", "Instances demoted for hanging", labels=["service"])
+        demotions.add_metric([sup.service], sup.demotions_total)
+        swapped = GaugeMetricFamily("reuseport_standby_roles_swapped", "1 after a promote swapped the roles", labels=["service"])
+        swapped.add_metric([sup.service], int(sup.swapped))
+        kernel = CounterMetricFamily("reuseport_standby_kernel_tcp", "TcpExt counters of this network namespace (nstat)",
+                                     labels=["counter"])
+        for k, v in tcpext().items():
+            kernel.add_metric([k], v)
+        yield from (conns, weight, queue, instances, demotions, swapped, kernel)
+
+
+def _cookie(sock: object) -> int:
+    from .loader import socket_cookie
+
+    try:
+        return socket_cookie(sock)  # type: ignore[arg-type]
+    except OSError:
+        return -1
+
+
+def serve(sup: "Supervisor", address: Address) -> object:
+    """Start the /metrics HTTP endpoint in a daemon thread."""
+    try:
+        from prometheus_client import start_http_server
+        from prometheus_client.core import CollectorRegistry
+    except ImportError:
+        raise ImportError("--metrics needs prometheus_client: pip install 'reuseport-standby[metrics]'") from None
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SupervisorCollector(sup))  # type: ignore[arg-type]
+    server, _thread = start_http_server(address.port, addr=address.host, registry=registry)
+    log.info("metrics on http://%s/metrics", address)
+    return server

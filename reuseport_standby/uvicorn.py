@@ -1,0 +1,299 @@
+"""Run an ASGI app under uvicorn as the primary or standby instance of a service.
+
+uvicorn serves the listening sockets the supervisor hands out
+(``Server.run(sockets=...)``, or its multiprocess supervisor for
+``workers > 1``, which gives every worker the same sockets).  This module
+adds the two moments the supervisor has to hear about:
+
+* **ready means serving.**  uvicorn awaits ``Config.callback_notify`` on a
+  server's first tick, which comes after ASGI lifespan startup finished and
+  the sockets are being served.  The callback writes the worker's pid to a
+  pipe; a thread in the main process activates the instance on the first
+  one.  The callback travels inside the pickled Config, so it works for
+  spawned workers, ``--factory`` and worker restarts alike.
+* **stop means drain.**  The instance leaves its slots, keeps accepting for
+  ``STOP_GRACE`` (what was already on its way arrives), and only then lets
+  uvicorn close the listeners: single-process, at the start of
+  ``Server.shutdown``; with workers, in the main process before it SIGTERMs
+  them.  What is still queued when the last copy of a listener closes is
+  migrated by the kernel to the other instance, and in-flight requests
+  finish (bounded by ``timeout_graceful_shutdown``).
+
+The listeners are owned by the main process for its whole life, so a worker
+crash, ``--limit-max-requests`` or a SIGHUP worker restart never closes them:
+the instance stays active and its queue waits for the next worker.
+
+uvicorn is imported here only; the rest of the package does not need it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+import uvicorn
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.supervisors import Multiprocess
+
+from . import protocol
+from .client import InstanceClient
+from .errors import ReuseportStandbyError
+from .layout import Role
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_ERROR = 0, 1
+EXIT_STARTUP_FAILURE = STARTUP_FAILURE  # uvicorn's own: the app never started serving
+
+# After leaving the slots, keep accepting this long before uvicorn's shutdown
+# begins.  Connections already on their way (queued, or mid-handshake) get
+# accepted and their first request read: uvicorn's shutdown closes every
+# connection that has not delivered a request yet, which for one accepted a
+# moment earlier means a reset request.  What is still queued after the
+# grace is migrated when the listeners close.
+STOP_GRACE = 0.2
+
+# uvicorn settings that the supervisor owns, and why each is refused.
+REFUSED = {
+    "host": "the supervisor owns the addresses: give them to 'reuseport-standby supervise --bind HOST:PORT'",
+    "port": "the supervisor owns the addresses: give them to 'reuseport-standby supervise --bind HOST:PORT'",
+    "uds": "the supervisor hands out TCP listeners only; a unix socket cannot share a port",
+    "fd": "the supervisor hands out the listening sockets; an inherited fd would not be in its group",
+    "backlog": "the supervisor sets the listen backlog of every socket it creates: use "
+               "'reuseport-standby supervise --backlog N'",
+    "reload": "reloading is a development feature, and a primary/standby pair is for production; "
+              "use plain 'uvicorn --reload' while developing",
+}
+
+
+def run(
+    app: Any,
+    *,
+    role: Role | str | None = None,
+    service: str | None = None,
+    control: str | None = None,
+    app_dir: str | None = None,
+    **config: Any,
+) -> int:
+    """Serve ``app`` as this service's ``role`` instance until SIGTERM/SIGINT; return an exit status.
+
+    ``config`` is any ``uvicorn.Config`` keyword (``workers``, ``factory``,
+    ``lifespan``, ``timeout_graceful_shutdown``...) except the ones the
+    supervisor owns (see ``REFUSED``).  ``role`` and ``service`` default to
+    ``$REUSEPORT_STANDBY_ROLE`` and ``$REUSEPORT_STANDBY_SERVICE``;
+    ``control`` to ``$REUSEPORT_STANDBY_CONTROL``.  Returns 0 after a clean
+    stop, 1 if the supervisor refused to activate the instance, and 3
+    (uvicorn's startup failure) if the app never started serving.
+    """
+    check_options(config)
+    the_role = resolve_role(role)
+    the_service = protocol.check_service(service or os.environ.get("REUSEPORT_STANDBY_SERVICE")
+                                         or protocol.DEFAULT_SERVICE)
+    if app_dir is not None:
+        sys.path.insert(0, app_dir)  # as uvicorn.run does; spawned workers inherit sys.path
+    user_notify = config.pop("callback_notify", None)
+    cfg = uvicorn.Config(app, **config)
+    if cfg.workers > 1 and not isinstance(app, str):
+        raise ValueError("workers > 1 needs the application as an import string ('module:attribute'): "
+                         "every worker process imports it itself")
+
+    client = InstanceClient(the_role, the_service, control=control, name=_instance_name(app, cfg.workers))
+    sockets = client.open()
+    try:
+        backlog = listen_backlog(sockets)
+        if backlog is not None:
+            cfg.backlog = backlog  # uvicorn calls listen() again with it: keep the supervisor's
+        reader, writer = multiprocessing.get_context("spawn").Pipe(duplex=False)
+        cfg.callback_notify = ServingNotice(writer, user_notify)
+        activation = Activation(client)
+        relay = threading.Thread(target=_relay, args=(reader, activation), name="reuseport-standby-ready", daemon=True)
+        relay.start()
+        try:
+            if cfg.workers > 1:
+                status = _run_workers(cfg, sockets, activation)
+            else:
+                status = _run_single(cfg, sockets, activation)
+        finally:
+            writer.close()  # the relay sees EOF once no worker holds the other copy
+            relay.join(1.0)
+            reader.close()
+        return EXIT_ERROR if activation.failed is not None else status
+    finally:
+        client.close()
+        for sock in sockets:
+            sock.close()
+
+
+def check_options(config: dict[str, Any]) -> None:
+    """Refuse uvicorn settings that would fight the supervisor (addresses, backlog, reload)."""
+    for name, why in REFUSED.items():
+        if name in config and config[name] not in (None, False):
+            raise ValueError(f"uvicorn option '{name}' is not allowed here: {why}")
+
+
+def resolve_role(role: Role | str | None) -> Role:
+    value = role if role is not None else os.environ.get("REUSEPORT_STANDBY_ROLE")
+    if not value:
+        raise ValueError("no role given: pass role='primary' or 'standby' (--role), or set REUSEPORT_STANDBY_ROLE")
+    return value if isinstance(value, Role) else Role.parse(value)
+
+
+def listen_backlog(sockets: list[socket.socket]) -> int | None:
+    """The backlog the supervisor gave these listeners, from sock_diag (None if unknown)."""
+    from . import diag
+    from .loader import socket_cookie
+
+    try:
+        queues = diag.listeners()
+    except OSError as exc:
+        log.warning("could not read the listeners' backlog (%s); uvicorn's backlog applies", exc)
+        return None
+    found = [queues[c].backlog for c in map(socket_cookie, sockets) if c in queues]
+    return min(found) if found else None
+
+
+def _instance_name(app: Any, workers: int) -> str:
+    target = app if isinstance(app, str) else getattr(app, "__qualname__", type(app).__qualname__)
+    return f"uvicorn {target}{f' ({workers} workers)' if workers > 1 else ''}"[:128]
+
+
+class ServingNotice:
+    """``Config.callback_notify``: tells the main process that a server is serving.
+
+    uvicorn awaits it from each server's first tick after startup (lifespan
+    complete, sockets served) and then every ``timeout_notify`` seconds.  It
+    must pickle, since it rides in the Config to spawned workers; the pipe
+    end does (multiprocessing passes it to the child at spawn).
+    """
+
+    def __init__(self, conn: Connection, chained: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.conn = conn
+        self.chained = chained
+        self.sent = False
+
+    async def __call__(self) -> None:
+        if not self.sent:
+            self.sent = True
+            try:
+                self.conn.send(os.getpid())  # a few bytes: one atomic pipe write
+            except OSError as exc:
+                log.warning("could not tell the main process that worker %d serves: %s", os.getpid(), exc)
+        if self.chained is not None:
+            await self.chained()
+
+
+class Activation:
+    """Turns "a server is serving" and "we are stopping" into ready and stop, once each, in that order."""
+
+    def __init__(self, client: InstanceClient) -> None:
+        self.client = client
+        self.active = threading.Event()
+        self.failed: BaseException | None = None
+        self.on_failure: Callable[[], None] = lambda: None
+        self._stopping = False
+        self._lock = threading.Lock()
+
+    def serving(self, pid: int) -> None:
+        with self._lock:
+            if self._stopping or self.failed is not None:
+                return
+            if self.active.is_set():
+                log.info("uvicorn process [%d] serving", pid)
+                return
+            try:
+                self.client.ready()
+            except (ReuseportStandbyError, OSError, RuntimeError) as exc:
+                self.failed = exc
+                log.error("the supervisor did not activate this %s instance: %s; shutting down",
+                          self.client.role.value, exc)
+            else:
+                self.active.set()
+                log.info("uvicorn process [%d] serving: %s instance active", pid, self.client.role.value)
+                return
+        self.on_failure()
+
+    def stop(self) -> None:
+        """Leave the slots (idempotent, never raises): call before any listener stops accepting."""
+        with self._lock:
+            if self._stopping:
+                return
+            self._stopping = True
+            self.client.stop()
+
+
+def _relay(reader: Connection, activation: Activation) -> None:
+    while True:
+        try:
+            pid = reader.recv()
+        except (EOFError, OSError):
+            return
+        activation.serving(pid)
+
+
+class _DrainingServer(uvicorn.Server):
+    """A single-process server that leaves its slots before it stops accepting."""
+
+    def __init__(self, config: uvicorn.Config, before_close: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._before_close = before_close
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self._before_close)
+        await asyncio.sleep(STOP_GRACE)
+        await super().shutdown(sockets)
+
+
+class _DrainingMultiprocess(Multiprocess):
+    """uvicorn's worker supervisor, leaving the slots before it stops its workers.
+
+    It also drops the main process's copies of the listeners then, so the
+    last worker to close them is the one whose close migrates the queue.
+    """
+
+    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket], before_stop: Callable[[], None]) -> None:
+        super().__init__(config, sockets)
+        self._before_stop = before_stop
+
+    def terminate_all(self) -> None:
+        self._before_stop()
+        time.sleep(STOP_GRACE)  # the workers keep accepting meanwhile
+        super().terminate_all()
+        for sock in self.sockets:
+            sock.close()
+
+
+def _run_single(cfg: uvicorn.Config, sockets: list[socket.socket], activation: Activation) -> int:
+    server = _DrainingServer(cfg, activation.stop)
+    activation.on_failure = lambda: setattr(server, "should_exit", True)
+    try:
+        server.run(sockets=sockets)
+    except SystemExit as exc:
+        if exc.code == STARTUP_FAILURE:
+            return EXIT_STARTUP_FAILURE  # uvicorn logged why
+        raise
+    except KeyboardInterrupt:
+        pass  # uvicorn re-raises a SIGINT it handled, after draining: a clean stop
+    finally:
+        activation.stop()
+    return EXIT_OK if server.started else EXIT_STARTUP_FAILURE
+
+
+def _run_workers(cfg: uvicorn.Config, sockets: list[socket.socket], activation: Activation) -> int:
+    supervisor = _DrainingMultiprocess(cfg, sockets, activation.stop)
+    activation.on_failure = supervisor.should_exit.set
+    try:
+        supervisor.run()
+    finally:
+        activation.stop()
+    if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes):
+        return EXIT_STARTUP_FAILURE
+    return EXIT_OK
