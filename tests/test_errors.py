@@ -41,3 +41,23 @@ def test_address_parse_errors(text: str, msg: str) -> None:
 def test_group_names_have_no_dots() -> None:
     assert Address("127.0.0.1", 80).group_name == "127_0_0_1:80"
     assert Address("::1", 80).group_name == "[::1]:80"
+
+
+def test_libbpf_missing_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No libbpf on the machine (the loader's only way in): a clear install hint, not a ctypes trace."""
+    import ctypes
+
+    from reuseport_standby import libbpf
+
+    def no_such_library(name, *a, **k):
+        raise OSError(f"{name}: cannot open shared object file: No such file or directory")
+
+    libbpf.load.cache_clear()
+    monkeypatch.setattr(ctypes, "CDLL", no_such_library)
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    try:
+        with pytest.raises(BpfUnavailable, match="apt-get install libbpf1"):
+            libbpf.load()
+    finally:
+        monkeypatch.undo()
+        libbpf.load.cache_clear()

@@ -300,3 +300,21 @@ def test_counters_match_the_traffic(pin_root: Path, kernel: None) -> None:
         anchor.close()
         for c in parked + to_standby + to_primary:
             c.close()
+
+
+def test_without_cap_bpf_the_error_says_what_is_missing(pin_root: Path, kernel: None) -> None:
+    pin = pin_root / "nocap"
+    pin.mkdir(parents=True)
+    os.chmod(pin_root, 0o777)
+    os.chmod(pin, 0o777)
+    code = (
+        "import os, sys; from reuseport_standby.loader import Group, packaged_object\n"
+        "from reuseport_standby import errors, libbpf\n"
+        "libbpf.load(); obj = packaged_object()  # resolved before dropping privileges\n"
+        "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+        "try:\n  Group.open(sys.argv[1], obj_path=obj); print('LOADED')\n"
+        "except errors.ReuseportStandbyError as e: print(type(e).__name__, e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(pin)], capture_output=True, text=True, timeout=30,
+                         cwd=Path(__file__).parent.parent).stdout
+    assert out.startswith("PermissionProblem") and "CAP_BPF" in out, out

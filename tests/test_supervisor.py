@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from procs import REPO, wait_for
-from reuseport_standby import protocol
+from reuseport_standby import client, protocol
 from reuseport_standby.client import InstanceClient, connect, request
 from reuseport_standby.errors import ProtocolError, SupervisorUnavailable
 from reuseport_standby.loadgen import Load, one_request
@@ -296,3 +296,28 @@ def test_status_with_a_stopped_supervisor_reads_the_pins(supervisor) -> None:
     assert [s["role"] for s in addr["slots"]] == ["primary"], "the live primary's slot survives the supervisor"
     assert one_request(host, port)[0] == "ok"
     primary.stop()
+
+
+def test_supervisor_notifies_systemd_when_ready(pin_root: Path, short_tmp: Path) -> None:
+    """Type=notify: READY=1 arrives on $NOTIFY_SOCKET once the control socket answers."""
+    from conftest import free_port
+
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = str(short_tmp / "notify")
+    notify.bind(path)
+    notify.settimeout(20)
+    control = str(short_tmp / "n.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "reuseport_standby", "supervise", "--service", "notifytest",
+                             "--bind", f"127.0.0.1:{free_port()}", "--control", control, "--pin-root", str(pin_root)],
+                            cwd=REPO, env={**os.environ, "NOTIFY_SOCKET": path}, stderr=subprocess.DEVNULL)
+    try:
+        msg = notify.recv(4096).decode()
+        assert msg.startswith("READY=1")
+        assert client.query("notifytest", "ping", control)["ok"]
+        proc.send_signal(signal.SIGTERM)
+        assert notify.recv(4096).decode().startswith("STOPPING=1")
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        notify.close()

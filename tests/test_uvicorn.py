@@ -8,24 +8,34 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import re
 import shlex
+import signal
 import socket
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
-
 from procs import REPO, SupervisorProc, stop_process_group, wait_for
+from servers import (
+    APPS,
+    InstanceProc,
+    Probe,
+    Step,
+    TracedReport,
+    freeze_kill_traced,
+    gunicorn_cmd,
+    restart_traced,
+    roll_traced,
+    uvicorn_instance,
+)
+
 from reuseport_standby import cli
 from reuseport_standby.loadgen import Load
 from reuseport_standby.sockets import Address
-from servers import (APPS, InstanceProc, Probe, Step, TracedReport, freeze_kill_traced, gunicorn_cmd,
-                     restart_traced, roll_traced, uvicorn_instance)
 
 CONCURRENCY = 6
 QUIET = ("--no-access-log",)
@@ -74,7 +84,7 @@ def start_pair(supervisor: Callable[..., SupervisorProc], instances: Instances, 
                extra: list[str] | None = None) -> tuple[SupervisorProc, Callable[[], InstanceProc], InstanceProc, InstanceProc]:
     sup = supervisor(extra=extra)
     standby = instances.uvicorn(sup, "standby", *config).start().wait_active()
-    make_primary = lambda: instances.uvicorn(sup, "primary", *config)  # noqa: E731
+    make_primary = lambda: instances.uvicorn(sup, "primary", *config)
     return sup, make_primary, make_primary().start().wait_active(), standby
 
 
@@ -454,7 +464,7 @@ def test_mixed_pair(supervisor, instances: Instances, short_tmp: Path, primary_s
 
     standby_server = "uvicorn" if primary_server == "gunicorn" else "gunicorn"
     make("standby", standby_server).start().wait_active()
-    make_primary = lambda: make("primary", primary_server)  # noqa: E731
+    make_primary = lambda: make("primary", primary_server)
     primary = make_primary().start().wait_active()
     assert http_get(host, port)[1]["role"] == "primary"
     traced = restart_traced(make_primary, primary, host=host, port=port, schedule=("term", "kill") * 2,

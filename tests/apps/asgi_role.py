@@ -14,7 +14,8 @@ import asyncio
 import json
 import os
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import parse_qs
 
 Scope = dict[str, Any]
