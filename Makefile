@@ -31,7 +31,7 @@ bpf-check:
 	@$(MAKE) --no-print-directory -C bpf check
 
 bench: host venv
-	$(PY) bench/loader.py
+	$(PY) bench/loader.py --bcc
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -12,6 +12,8 @@ flight, as a real app does.  After a run, a failed request whose id is in
 some file reached the app and was lost inside a worker (killed while
 working on it); one whose id is in no file never reached the app: it was
 lost at the connection level (refused, or reset in a listener's queue).
+bench/recording.py records the same ids earlier, when a worker has read
+the request, which closes the gap between ``accept()`` and the app.
 """
 
 from __future__ import annotations
@@ -62,11 +64,12 @@ async def asgi_app(scope: dict[str, Any], receive: Callable[[], Awaitable[dict[s
     await demo_app.asgi_app(scope, receive, send)
 
 
-def read_ids(directory: str) -> set[int]:
-    """Every id the app recorded in ``directory`` (all processes)."""
+def read_ids(directory: str, suffix: str = ".ids") -> set[int]:
+    """Every id recorded in ``directory`` by any process: by the app (``.ids``), or at read time
+    by bench/recording.py (``.read``)."""
     seen: set[int] = set()
     for name in os.listdir(directory):
-        if name.endswith(".ids"):
+        if name.endswith(suffix):
             with open(os.path.join(directory, name), "rb") as f:
                 for line in f.read().split(b"\n"):
                     if line.strip().isdigit():

@@ -32,13 +32,13 @@ def failures_table(results: dict[str, Any]) -> str:
     for key, entry, variant, r in _rows(results):
         fk = r["failures_by_kind"]
         other = sum(v for k, v in fk.items() if k not in MAIN_KINDS)
-        conn = str(r["lost_connection_level"])
-        if r["lost_connection_level_reused_keepalive"]:
-            conn += f" ({r['lost_connection_level_reused_keepalive']} on reused keep-alive)"
         rows.append([key, variant, _restarts(entry, r), r["requests"], r["failed"],
-                     *(fk.get(k, 0) for k in MAIN_KINDS), other, f"**{conn}**", r["lost_in_worker"]])
+                     *(fk.get(k, 0) for k in MAIN_KINDS), other, f"**{r['lost_connection_level']}**",
+                     r["failed_on_reused_keepalive"], f"{r['lost_in_worker']} ({r['lost_in_worker_in_app']})",
+                     r["lost_never_reached_app"]])
     return _table(["contender", "load", "restarts", "requests", "failed", *MAIN_KINDS, "other",
-                   "lost at connection level", "lost inside killed workers"], rows)
+                   "lost at connection level", "closed between keep-alive requests", "lost inside workers (in the app)",
+                   "never reached the app"], rows)
 
 
 def latency_table(results: dict[str, Any]) -> str:
@@ -71,13 +71,14 @@ def per_restart_table(results: dict[str, Any]) -> str:
         cells = []
         for k, v in r.get("by_restart_kind", {}).items():
             n = max(v["restarts"], 1)
-            cells.append(f"{KIND_NAMES.get(k, k)}: {v['connection'] / n:.1f} / {v['in_worker'] / n:.1f}")
+            cells.append(f"{KIND_NAMES.get(k, k)}: {v['connection'] / n:.1f} / {v['reused_keepalive'] / n:.1f} / "
+                         f"{v['in_worker'] / n:.1f}")
         waits = [s["serving_after"] for s in r.get("steps", [])]
         gaps = [b["at"] - a["at"] for a, b in zip(r.get("steps", []), r.get("steps", [])[1:])]
         rows.append([key, variant, "; ".join(cells) or "—",
                      f"{sum(waits) / len(waits):.2f}" if waits else "—",
                      f"{sum(gaps) / len(gaps):.2f}" if gaps else "—"])
-    return _table(["contender", "load", "per restart: connection-level / in workers",
+    return _table(["contender", "load", "per restart: connection-level / keep-alive close race / in workers",
                    "restart to serving, s (mean)", "interval between restarts, s (mean)"], rows)
 
 
@@ -104,9 +105,15 @@ def markdown(results: dict[str, Any]) -> str:
             if r.get("error"):
                 out.append(f"**{key} / {variant}: {r['error']}**\n")
     out += ["## Failures\n",
-            "*Lost at connection level*: the app never saw the request (refused, or reset in a listener's queue "
-            "or handshake). *Lost inside killed workers*: the app had recorded the request's id, so a worker was "
-            "working on it when it was killed.\n",
+            "*Lost at connection level*: a request on a new connection that no worker ever accepted (refused, "
+            "or reset in a listener's queue or handshake): what reuseport-standby exists to bring to 0. "
+            "*Closed between keep-alive requests*: a request sent on a keep-alive connection that had already carried "
+            "requests, which the server side closed or lost before reading it (the client checks the connection "
+            "before reusing it, as urllib3 does; what is left is the race with a close in flight, which HTTP "
+            "clients retry). *Lost inside workers*: a worker had accepted the connection and the request "
+            "(its id was recorded right then, bench/recording.py) and died or dropped it before answering; in "
+            "brackets, how many the app itself had been called with. *Never reached the app*: what the app's "
+            "own record alone would count as not delivered.\n",
             failures_table(results),
             "\n## Latency (answered requests), throughput, who answered\n", latency_table(results),
             "\n## Per restart\n", per_restart_table(results),
@@ -114,11 +121,18 @@ def markdown(results: dict[str, Any]) -> str:
     ov = results.get("overhead")
     if ov and not ov.get("error"):
         out += ["\n## Steady state (no restarts)\n",
-                f"{ov['app']} with no extra work, {len(ov['rounds']) // 2} alternating rounds per side: "
-                f"reuseport-standby {ov['reuseport_standby_rps_mean']:.0f} req/s, single plain {m['server']} "
-                f"{ov['plain_rps_mean']:.0f} req/s: **ratio {ov['ratio_of_means']:.3f}** (per round "
-                f"{ov['ratio_min']:.3f}–{ov['ratio_max']:.3f}, median {ov['ratio_median_of_rounds']:.3f}; "
-                f"target ≥ {ov['target']}).\n"]
+                f"{ov['app']} with no extra work; {len(ov['rounds']) // 2} alternating rounds per side, "
+                f"reuseport-standby (supervisor, primary, idle standby) against {ov['plain']} without it.\n",
+                _table(["", "reuseport-standby", ov["plain"], "ratio"], [
+                    ["throughput, mean of rounds", f"{ov['reuseport_standby_rps_mean']:.0f} req/s",
+                     f"{ov['plain_rps_mean']:.0f} req/s",
+                     f"**{ov['ratio_of_means']:.3f}** (rounds {ov['ratio_min']:.2f}–{ov['ratio_max']:.2f}, "
+                     f"median {ov['ratio_median_of_rounds']:.3f})"],
+                    ["server CPU per request", f"{ov['reuseport_standby_cpu_ms_per_request']:.3f} ms",
+                     f"{ov['plain_cpu_ms_per_request']:.3f} ms",
+                     f"**{ov.get('cpu_efficiency_ratio', float('nan')):.3f}** (plain / ours)"],
+                ]),
+                f"\nTarget: ≥ {ov['target']}.\n"]
     elif ov:
         out.append(f"\n## Steady state\n\n**{ov['error']}**\n")
     bpf = results.get("bpf_cost")
@@ -159,16 +173,16 @@ def chart(results: dict[str, Any], path: Path) -> Path:
     for k in keys:
         for variant, r in results["contenders"][k]["variants"].items():
             labels.append(f"{k}\n{variant} ({r['restarts']} restarts)")
-            conn_new.append(r["lost_connection_level_new"])
-            conn_reused.append(r["lost_connection_level_reused_keepalive"])
+            conn_new.append(r["lost_connection_level"])
+            conn_reused.append(r["failed_on_reused_keepalive"])
             in_worker.append(r["lost_in_worker"])
     xs = list(range(len(labels)))
-    ax.bar(xs, conn_new, color="#d62728", label="lost at connection level (new connection)")
-    ax.bar(xs, conn_reused, bottom=conn_new, color="#ff9896", label="lost at connection level (reused keep-alive)")
+    ax.bar(xs, conn_new, color="#d62728", label="lost at connection level")
+    ax.bar(xs, conn_reused, bottom=conn_new, color="#ff9896", label="closed between keep-alive requests")
     bottoms = [a + b for a, b in zip(conn_new, conn_reused)]
-    ax.bar(xs, in_worker, bottom=bottoms, color="#7f7f7f", label="lost inside killed workers")
+    ax.bar(xs, in_worker, bottom=bottoms, color="#7f7f7f", label="lost inside workers")
     for x, a, b, c in zip(xs, conn_new, conn_reused, in_worker):
-        ax.text(x, a + b + c, f"{a + b} | {c}", ha="center", va="bottom", fontsize=8)
+        ax.text(x, a + b + c, f"{a} | {b} | {c}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(xs)
     ax.set_xticklabels(labels, fontsize=7)
     ax.set_ylabel("failed requests")
@@ -176,7 +190,7 @@ def chart(results: dict[str, Any], path: Path) -> Path:
     ax.set_ylim(0, top * 1.25)
     ax.legend(fontsize=8, loc="upper left")
     ax.set_title(f"Restarts under load — {m['server']}, {m['workers']} workers/instance, {m['concurrency']} clients, "
-                 f"kernel {m['kernel']}, {m['cpus']} shared CPUs  (labels: connection-level | in workers)", fontsize=9)
+                 f"kernel {m['kernel']}, {m['cpus']} shared CPUs  (labels: connection-level | keep-alive close race | in workers)", fontsize=9)
 
     first = None
     for i, k in enumerate(with_tl):

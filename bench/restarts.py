@@ -250,7 +250,8 @@ class Setup:
     server: str  # gunicorn | uvicorn
     workers: int
     app_sleep_ms: float
-    ids_dir: Path | None
+    ids_dir: Path | None  # None: no request recording (stock worker class / protocol)
+    workdir: Path
     graceful: int = 10
     wsgi: str = "bench.app:app"
     asgi: str = "bench.app:asgi_app"
@@ -261,30 +262,40 @@ class Setup:
             env["BENCH_IDS_DIR"] = str(self.ids_dir)
         return env
 
+    def _gunicorn(self, *extra: str) -> list[str]:
+        cmd = [str(BIN / "gunicorn"), "-w", str(self.workers), "--graceful-timeout", str(self.graceful), *extra]
+        if self.ids_dir is not None:
+            cmd += ["-k", "bench.recording.SyncWorker"]
+        return [*cmd, self.wsgi]
+
+    def _uvicorn_options(self) -> list[str]:
+        opts = ["--workers", str(self.workers), "--timeout-graceful-shutdown", str(self.graceful)]
+        if self.ids_dir is not None:
+            opts += ["--http", "bench.recording:H11Protocol"]
+        return opts
+
     def integrated(self) -> list[str]:
         """An instance with the reuseport-standby integration (listeners from the supervisor)."""
         if self.server == "gunicorn":
-            return [str(BIN / "gunicorn"), "-c", "python:reuseport_standby.conf", "-w", str(self.workers),
-                    "--graceful-timeout", str(self.graceful), self.wsgi]
-        return [sys.executable, "-m", "reuseport_standby", "uvicorn", self.asgi, "--workers", str(self.workers),
-                "--timeout-graceful-shutdown", str(self.graceful), "--no-access-log", "--log-level", "warning"]
+            return self._gunicorn("-c", "python:reuseport_standby.conf")
+        return [sys.executable, "-m", "reuseport_standby", "uvicorn", self.asgi, *self._uvicorn_options(),
+                "--no-access-log", "--log-level", "warning"]
 
-    def reuseport(self, port: int) -> list[str]:
+    def reuseport(self, port: int, name: str) -> list[str]:
         """An instance on its own SO_REUSEPORT socket(s), no BPF."""
         if self.server == "gunicorn":
-            return [str(BIN / "gunicorn"), "-w", str(self.workers), "--graceful-timeout", str(self.graceful),
-                    "--reuse-port", "-b", f"{HOST}:{port}", self.wsgi]
+            # gunicorn's own control socket defaults to one path per user: give each instance its own.
+            return self._gunicorn("--reuse-port", "-b", f"{HOST}:{port}",
+                                  "--control-socket", str(self.workdir / f"{name}.ctl"))
         return [sys.executable, str(REPO / "bench" / "plain_uvicorn.py"), HOST, str(port), self.asgi,
-                "--workers", str(self.workers), "--timeout-graceful-shutdown", str(self.graceful)]
+                *self._uvicorn_options()]
 
-    def single(self, port: int) -> list[str]:
+    def single(self, port: int, name: str) -> list[str]:
         """One plain instance that owns its listener."""
         if self.server == "gunicorn":
-            return [str(BIN / "gunicorn"), "-w", str(self.workers), "--graceful-timeout", str(self.graceful),
-                    "-b", f"{HOST}:{port}", self.wsgi]
-        return [str(BIN / "uvicorn"), "--workers", str(self.workers), "--timeout-graceful-shutdown",
-                str(self.graceful), "--no-access-log", "--log-level", "warning", "--host", HOST, "--port", str(port),
-                self.asgi]
+            return self._gunicorn("-b", f"{HOST}:{port}", "--control-socket", str(self.workdir / f"{name}.ctl"))
+        return [str(BIN / "uvicorn"), *self._uvicorn_options(), "--no-access-log", "--log-level", "warning",
+                "--host", HOST, "--port", str(port), self.asgi]
 
 
 class Contender:
@@ -437,7 +448,7 @@ class PlainReuseport(Contender):
         self.standby: subprocess.Popen | None = None
 
     def _instance(self, role: str) -> subprocess.Popen:
-        return spawn(self.setup.reuseport(self.port), self.setup.env(role), self.log_path)
+        return spawn(self.setup.reuseport(self.port, f"{self.key}-{role}"), self.setup.env(role), self.log_path)
 
     def start(self) -> None:
         self.standby = self._instance("standby")
@@ -472,16 +483,28 @@ class SingleHup(Contender):
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        self.proc = spawn(self.setup.single(self.port), self.setup.env("single"), self.log_path)
+        self.proc = spawn(self.setup.single(self.port, self.key), self.setup.env("single"), self.log_path)
         self._probe_until_served_by(self.proc, self.setup.workers)
+
+    def workers(self) -> set[int]:
+        """The server's worker processes (uvicorn's spawn also starts multiprocessing's resource tracker)."""
+        assert self.proc is not None
+        found = set()
+        for pid in children(self.proc.pid):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"resource_tracker" not in cmdline:
+                found.add(pid)
+        return found
 
     def restart(self, kind: str) -> None:
         assert self.proc is not None and kind == "hup"
-        old = children(self.proc.pid)
+        old = self.workers()
         self.proc.send_signal(signal.SIGHUP)
         # Done when none of the old workers is left and as many new ones have answered.
-        wait_until(lambda: not (children(self.proc.pid) & old), self.ready_timeout,  # type: ignore[union-attr]
-                   f"{self.key}: old workers gone")
+        wait_until(lambda: not (self.workers() & old), self.ready_timeout, f"{self.key}: old workers gone")
         self._probe_until_served_by(self.proc, self.setup.workers, exclude=old)
 
     def stop(self) -> None:
@@ -501,7 +524,7 @@ class Schedule:
 
 
 def run_variant(c: Contender, variant: str, schedule: Schedule, *, concurrency: int, timeout: float, id_base: int,
-                ids_dir: Path, bucket: float) -> dict[str, Any]:
+                ids_dir: Path, bucket: float, keepalive_requests: int) -> dict[str, Any]:
     kinds = [c.restart_kinds[i % len(c.restart_kinds)] for i in range(schedule.restarts)]
     nstat_before = nstat()
     prog_before = prog_stats(c.prog_id())
@@ -509,7 +532,7 @@ def run_variant(c: Contender, variant: str, schedule: Schedule, *, concurrency: 
     hard_bound = schedule.settle + schedule.tail + schedule.restarts * (schedule.period + 2 * c.ready_timeout + 40)
     load = Load(HOST, c.port, concurrency=concurrency, duration=hard_bound, max_requests=50_000_000,
                 keepalive=variant == "keep-alive", timeout=timeout, request_ids=True, id_base=id_base,
-                record_latencies=False)
+                record_latencies=False, requests_per_connection=keepalive_requests, reuse_check=True)
     t0 = time.monotonic()
     load.start()
     steps: list[dict[str, Any]] = []
@@ -532,8 +555,9 @@ def run_variant(c: Contender, variant: str, schedule: Schedule, *, concurrency: 
         log(f"  {c.key} {variant}: {error}")
     finally:
         result = load.stop()
-    seen = bench_app.read_ids(str(ids_dir))
-    out = analyse(result, seen, t0, steps, bucket)
+    in_app = bench_app.read_ids(str(ids_dir), ".ids")
+    read = bench_app.read_ids(str(ids_dir), ".read") | in_app
+    out = analyse(result, read, in_app, t0, steps, bucket)
     out.update({
         "variant": variant,
         "restarts": len(steps),
@@ -560,14 +584,28 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def analyse(result: LoadResult, seen: set[int], t0: float, steps: list[dict[str, Any]], bucket: float) -> dict[str, Any]:
-    """Classify every failure, and summarise latency, throughput, shares and the timeline."""
+def analyse(result: LoadResult, read: set[int], in_app: set[int], t0: float, steps: list[dict[str, Any]],
+            bucket: float) -> dict[str, Any]:
+    """Classify every failure, and summarise latency, throughput, shares and the timeline.
+
+    ``read``: ids a worker held (bench/recording.py, or the app); ``in_app``:
+    ids the app was called with.  A failed request in ``read`` was lost
+    inside a worker.  One that is not: lost at the connection level if it
+    was the first on its connection (no worker ever accepted that
+    connection: refused, or reset in a listener's queue); if it was sent on
+    a keep-alive connection that had carried requests before, the server
+    side dropped that connection before reading it (shut down or killed
+    with it idle), which clients retry and no port sharing can prevent.
+    """
     reqs = result.requests
     ok = [r for r in reqs if r.kind == "ok"]
     failed = [r for r in reqs if r.kind != "ok"]
-    in_worker = [r for r in failed if r.id in seen]
-    conn_new = [r for r in failed if r.id not in seen and not r.reused]
-    conn_reused = [r for r in failed if r.id not in seen and r.reused]
+    in_worker = [r for r in failed if r.id in read]
+    conn_new = [r for r in failed if r.id not in read and not r.reused]
+    conn_reused = [r for r in failed if r.id not in read and r.reused]
+    # What the app's record alone would call connection-level: the difference was read by a
+    # worker that died before calling the app.
+    app_unseen = [r for r in failed if r.id not in in_app]
     lat = sorted(r.ended - r.sent for r in ok)
     elapsed = result.elapsed or 1e-9
 
@@ -579,9 +617,9 @@ def analyse(result: LoadResult, seen: set[int], t0: float, steps: list[dict[str,
     def step_of(r: Any) -> int:
         return sum(1 for t in starts if t <= r.ended - t0) - 1
 
-    per_step = [{"connection": 0, "in_worker": 0} for _ in steps]
+    per_step = [{"connection": 0, "reused_keepalive": 0, "in_worker": 0} for _ in steps]
     before_first = 0
-    for group, name in ((conn_new + conn_reused, "connection"), (in_worker, "in_worker")):
+    for group, name in ((conn_new, "connection"), (conn_reused, "reused_keepalive"), (in_worker, "in_worker")):
         for r in group:
             i = step_of(r)
             if i < 0:
@@ -590,10 +628,10 @@ def analyse(result: LoadResult, seen: set[int], t0: float, steps: list[dict[str,
                 per_step[i][name] += 1
     by_kind: dict[str, dict[str, int]] = {}
     for s, f in zip(steps, per_step):
-        k = by_kind.setdefault(s["kind"], {"restarts": 0, "connection": 0, "in_worker": 0})
+        k = by_kind.setdefault(s["kind"], {"restarts": 0, "connection": 0, "reused_keepalive": 0, "in_worker": 0})
         k["restarts"] += 1
-        k["connection"] += f["connection"]
-        k["in_worker"] += f["in_worker"]
+        for name in ("connection", "reused_keepalive", "in_worker"):
+            k[name] += f[name]
 
     roles: Counter[str] = Counter()
     pids: dict[str, set[str]] = {}
@@ -625,13 +663,15 @@ def analyse(result: LoadResult, seen: set[int], t0: float, steps: list[dict[str,
         "ok": len(ok),
         "failed": len(failed),
         "failures_by_kind": kinds(failed),
-        "lost_connection_level": len(conn_new) + len(conn_reused),
-        "lost_connection_level_new": len(conn_new),
-        "lost_connection_level_reused_keepalive": len(conn_reused),
+        "lost_connection_level": len(conn_new),
+        "failed_on_reused_keepalive": len(conn_reused),
         "lost_in_worker": len(in_worker),
-        "connection_level_by_kind": kinds(conn_new + conn_reused),
+        "lost_in_worker_in_app": sum(1 for r in in_worker if r.id in in_app),
+        "lost_never_reached_app": len(app_unseen),
+        "connection_level_by_kind": kinds(conn_new),
+        "reused_keepalive_by_kind": kinds(conn_reused),
         "in_worker_by_kind": kinds(in_worker),
-        "answered_but_unrecorded": sum(1 for r in ok if r.id not in seen),
+        "answered_but_unrecorded": sum(1 for r in ok if r.id not in in_app or r.id not in read),
         "by_restart_kind": by_kind,
         "failures_before_first_restart": before_first,
         "failures_per_restart": per_step,
@@ -650,10 +690,35 @@ def analyse(result: LoadResult, seen: set[int], t0: float, steps: list[dict[str,
 
 # -- steady state: this project vs one plain server ----------------------------------------------
 
+def cpu_seconds(roots: Sequence[subprocess.Popen | None]) -> float:
+    """user + system CPU time of these processes and their children (workers), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    pids: set[int] = set()
+    for proc in roots:
+        if proc is not None:
+            pids.add(proc.pid)
+            pids |= children(proc.pid)
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
 def overhead(args: argparse.Namespace, workdir: Path, pin_root: Path) -> dict[str, Any]:
-    """Alternating rounds of the same load, no restarts, against both at once (each idle while the other runs)."""
+    """Alternating short rounds of the same load, no restarts, against both (each idle while the other runs).
+
+    Throughput on a shared machine swings with other people's work from one
+    second to the next, so rounds alternate ABBA and both the ratio of mean
+    throughputs and the median of adjacent-round ratios are reported; CPU
+    time per request of every process each side runs (ours: supervisor,
+    primary and standby with their workers) is the steadier figure.
+    """
     app_wsgi, app_asgi = "reuseport_standby.demo_app:app", "reuseport_standby.demo_app:asgi_app"
-    setup = Setup(args.server, args.workers, 0, None, wsgi=app_wsgi, asgi=app_asgi)
+    setup = Setup(args.server, args.workers, 0, None, workdir, wsgi=app_wsgi, asgi=app_asgi)
     ours = Supervised(setup, workdir, args.ready_timeout, pin_root)
     ours.key = "overhead-reuseport-standby"
     ours.log_path = workdir / f"{ours.key}.log"
@@ -664,35 +729,53 @@ def overhead(args: argparse.Namespace, workdir: Path, pin_root: Path) -> dict[st
     try:
         ours.start()
         plain.start()
+        procs = {"reuseport-standby": lambda: [ours.supervisor, ours.primary, ours.standby],
+                 "plain": lambda: [plain.proc]}
         for c in (ours, plain):  # warm up
             Load(HOST, c.port, concurrency=args.concurrency, duration=1.0, timeout=args.timeout,
                  record_latencies=False).start().wait()
         for i in range(args.overhead_rounds):
             order = (ours, plain) if i % 2 == 0 else (plain, ours)
             for c in order:
+                side = "reuseport-standby" if c is ours else "plain"
+                cpu0 = cpu_seconds(procs[side]())
                 r = Load(HOST, c.port, concurrency=args.concurrency, duration=args.overhead_seconds,
                          timeout=args.timeout, record_latencies=False).start().wait()
-                rounds.append({"round": i, "contender": "reuseport-standby" if c is ours else f"single {args.server}",
-                               "ok": r.ok, "failed": r.failed, "elapsed_s": round(r.elapsed, 3),
-                               "rps": round(r.ok / r.elapsed, 1) if r.elapsed else 0.0})
+                cpu = cpu_seconds(procs[side]()) - cpu0
+                rounds.append({"round": i, "side": side, "ok": r.ok, "failed": r.failed,
+                               "elapsed_s": round(r.elapsed, 3), "rps": round(r.ok / r.elapsed, 1) if r.elapsed else 0.0,
+                               "server_cpu_s": round(cpu, 2), "answered_by": dict(r.served_by)})
     finally:
         ours.stop()
         plain.stop()
-    a = [r["rps"] for r in rounds if r["contender"] == "reuseport-standby"]
-    b = [r["rps"] for r in rounds if r["contender"] != "reuseport-standby"]
-    pairs = [x / y for x, y in zip(a, b) if y]
-    return {
+    a = [r for r in rounds if r["side"] == "reuseport-standby"]
+    b = [r for r in rounds if r["side"] == "plain"]
+    pairs = [x["rps"] / y["rps"] for x, y in zip(a, b) if y["rps"]]
+
+    def cpu_ms(rs: list[dict[str, Any]]) -> float | None:
+        n = sum(r["ok"] for r in rs)
+        return round(1e3 * sum(r["server_cpu_s"] for r in rs) / n, 4) if n else None
+
+    out: dict[str, Any] = {
         "app": app_wsgi if args.server == "gunicorn" else app_asgi,
         "app_sleep_ms": 0,
+        "plain": f"single {args.server}, {args.workers} workers",
         "rounds": rounds,
-        "reuseport_standby_rps_mean": round(statistics.mean(a), 1) if a else None,
-        "plain_rps_mean": round(statistics.mean(b), 1) if b else None,
-        "ratio_of_means": round(statistics.mean(a) / statistics.mean(b), 4) if a and b else None,
+        "reuseport_standby_rps_mean": round(statistics.mean(x["rps"] for x in a), 1) if a else None,
+        "plain_rps_mean": round(statistics.mean(y["rps"] for y in b), 1) if b else None,
         "ratio_median_of_rounds": round(statistics.median(pairs), 4) if pairs else None,
         "ratio_min": round(min(pairs), 4) if pairs else None,
         "ratio_max": round(max(pairs), 4) if pairs else None,
+        "reuseport_standby_cpu_ms_per_request": cpu_ms(a),
+        "plain_cpu_ms_per_request": cpu_ms(b),
         "target": 0.97,
     }
+    out["ratio_of_means"] = (round(out["reuseport_standby_rps_mean"] / out["plain_rps_mean"], 4)
+                             if a and b and out["plain_rps_mean"] else None)
+    if out["reuseport_standby_cpu_ms_per_request"] and out["plain_cpu_ms_per_request"]:
+        # throughput a CPU-bound server would reach, relative: plain's CPU per request over ours
+        out["cpu_efficiency_ratio"] = round(out["plain_cpu_ms_per_request"] / out["reuseport_standby_cpu_ms_per_request"], 4)
+    return out
 
 
 def synthetic_bpf_cost(connections: int) -> dict[str, Any]:
@@ -724,6 +807,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="restarts per contender in the new-connection variant (default 20: SIGTERM, SIGKILL alternately)")
     ap.add_argument("--keepalive-restarts", type=int, default=10,
                     help="restarts per contender in the keep-alive variant (default 10)")
+    ap.add_argument("--keepalive-requests", type=int, default=50,
+                    help="keep-alive variant: requests per connection before the client opens a new one, as pools "
+                         "recycle connections (0: never; default 50)")
     ap.add_argument("--period", type=float, default=2.0, help="seconds between restarts (default 2)")
     ap.add_argument("--min-gap", type=float, default=0.5,
                     help="at least this long between a new primary serving and the next restart (default 0.5)")
@@ -733,9 +819,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--timeout", type=float, default=5.0, help="client timeout per request, s (default 5)")
     ap.add_argument("--ready-timeout", type=float, default=60.0,
                     help="how long a (re)started instance may take to serve, s (default 60)")
-    ap.add_argument("--overhead-rounds", type=int, default=6,
-                    help="steady-state rounds per side (alternating order; 0 to skip; default 6)")
-    ap.add_argument("--overhead-seconds", type=float, default=4.0, help="seconds per steady-state round (default 4)")
+    ap.add_argument("--overhead-rounds", type=int, default=10,
+                    help="steady-state rounds per side (order alternating ABBA...; 0 to skip; default 10)")
+    ap.add_argument("--overhead-seconds", type=float, default=2.0, help="seconds per steady-state round (default 2)")
     ap.add_argument("--bpf-connections", type=int, default=2000,
                     help="connections per case for bench/loader.py's selection cost (0 to skip; default 2000)")
     ap.add_argument("--bucket", type=float, default=0.25, help="timeline resolution, s (default 0.25)")
@@ -781,6 +867,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "versions": versions(), "server": args.server, "workers": args.workers, "concurrency": args.concurrency,
             "restarts": args.restarts, "keepalive_restarts": args.keepalive_restarts, "period_s": args.period,
             "min_gap_s": args.min_gap, "app_sleep_ms": args.app_sleep_ms, "timeout_s": args.timeout,
+            "keepalive_requests": args.keepalive_requests,
             "netns": args.netns, "contenders": contenders, "variants": variants,
             "loadavg_before": list(os.getloadavg()),
         },
@@ -799,7 +886,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ids_dir = ids_root / key
                 ids_dir.mkdir()
                 ids_dir.chmod(0o777)
-                setup = Setup(args.server, args.workers, args.app_sleep_ms, ids_dir)
+                setup = Setup(args.server, args.workers, args.app_sleep_ms, ids_dir, workdir)
                 c: Contender
                 if key == "reuseport-standby":
                     c = Supervised(setup, workdir, args.ready_timeout, pin_root)
@@ -824,11 +911,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         schedule = Schedule(n, args.period, args.min_gap, args.settle, args.tail)
                         log(f"  {key} {variant}: {n} restarts under load")
                         r = run_variant(c, variant, schedule, concurrency=args.concurrency, timeout=args.timeout,
-                                        id_base=id_base, ids_dir=ids_dir, bucket=args.bucket)
+                                        id_base=id_base, ids_dir=ids_dir, bucket=args.bucket,
+                                        keepalive_requests=args.keepalive_requests)
                         id_base += 100_000_000
                         entry["variants"][variant] = r
                         log(f"  {key} {variant}: {r['requests']} requests, {r['throughput_rps']}/s; connection-level "
-                            f"{r['lost_connection_level']}, in workers {r['lost_in_worker']}; {r['failures_by_kind']}; "
+                            f"{r['lost_connection_level']}, reused keep-alive {r['failed_on_reused_keepalive']}, "
+                            f"in workers {r['lost_in_worker']}; {r['failures_by_kind']}; "
                             f"max {r['latency_ms']['max']} ms; nstat {r['nstat']}")
                 except BenchError as exc:
                     entry["error"] = str(exc)
@@ -844,8 +933,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"steady state: {args.overhead_rounds} rounds x {args.overhead_seconds:.0f} s per side")
             try:
                 results["overhead"] = overhead(args, workdir, pin_root)
-                log(f"  ratio {results['overhead']['ratio_of_means']} (median of rounds "
-                    f"{results['overhead']['ratio_median_of_rounds']})")
+                ov = results["overhead"]
+                log(f"  throughput ratio {ov['ratio_of_means']} (median of rounds {ov['ratio_median_of_rounds']}); "
+                    f"CPU ms/request {ov['reuseport_standby_cpu_ms_per_request']} vs {ov['plain_cpu_ms_per_request']}")
             except BenchError as exc:
                 results["overhead"] = {"error": str(exc)}
                 log(f"steady state: {exc}")

@@ -45,7 +45,8 @@
 struct rs_config {
 	/* Slots [base, base + span[range]) of a slot range may be live; the
 	 * program probes only those.  User space raises span when it fills a
-	 * slot and lowers it when the top slots are empty. */
+	 * slot and lowers it when the top slots are empty, and never sets it
+	 * above RS_SLOTS_PER_ROLE. */
 	__u32 span[RS_NR_ROLES];
 	/* 0..100: share of new connections (by 4-tuple hash) offered to the
 	 * standby first while both roles are live.  0 = pure hot standby. */

@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="after demoting a hung instance: keep it to recover (demote, default), SIGTERM or SIGKILL it")
     sp.add_argument("--metrics", type=_address, default=None, metavar="HOST:PORT",
                     help="serve Prometheus metrics here (needs prometheus_client)")
+    sp.add_argument("--loader", choices=("libbpf", "bcc"), default="libbpf",
+                    help="libbpf: load the packaged object (default); bcc: compile the C source at start (needs BCC and kernel headers)")
+    sp.add_argument("--bpf-source", default=None, metavar="PATH",
+                    help="with --loader bcc: your own variant of bpf/standby.bpf.c (docs/bpf-variants.md)")
 
     st = sub.add_parser("status", help="show addresses, instances, slots, queues and counters")
     common(st)
@@ -75,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--stall-timeout", type=float, default=None, help="passed to the supervisor (see supervise --help)")
     rn.add_argument("--on-hang", choices=("demote", "term", "kill"), default=None, help="passed to the supervisor")
     rn.add_argument("--metrics", type=_address, default=None, metavar="HOST:PORT", help="passed to the supervisor")
+    rn.add_argument("--loader", choices=("libbpf", "bcc"), default=None, help="passed to the supervisor")
+    rn.add_argument("--bpf-source", default=None, metavar="PATH", help="passed to the supervisor")
     rn.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...")
 
     wt = sub.add_parser("weight", help="canary: offer this share of new connections to the standby first")
@@ -128,7 +134,8 @@ def cmd_supervise(args: argparse.Namespace) -> int:
 
     sup = Supervisor(args.service, args.bind, control=args.control, backlog=args.backlog, group=args.group,
                      pin_root=args.pin_root, migrate=False if args.no_migrate else None, mount_bpffs=args.mount_bpffs,
-                     stall_timeout=args.stall_timeout, on_hang=args.on_hang)
+                     stall_timeout=args.stall_timeout, on_hang=args.on_hang, loader=args.loader,
+                     bpf_source=args.bpf_source)
     sup.start()
     if args.metrics:
         from .metrics import serve
@@ -157,7 +164,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                     ready_timeout=args.ready_timeout, stop_timeout=args.stop_timeout, no_migrate=args.no_migrate,
                     supervisor_args=[*(["--stall-timeout", str(args.stall_timeout)] if args.stall_timeout is not None else []),
                                      *(["--on-hang", args.on_hang] if args.on_hang else []),
-                                     *(["--metrics", str(args.metrics)] if args.metrics else [])])
+                                     *(["--metrics", str(args.metrics)] if args.metrics else []),
+                                     *(["--loader", args.loader] if args.loader else []),
+                                     *(["--bpf-source", os.path.abspath(args.bpf_source)] if args.bpf_source else [])])
     return run(cfg)
 
 

@@ -4,7 +4,8 @@
 
 Environment: ``REUSEPORT_STANDBY_ROLE`` (``primary`` or ``standby``, required),
 ``REUSEPORT_STANDBY_SERVICE`` (default ``default``), ``REUSEPORT_STANDBY_CONTROL``
-(the supervisor's control socket, default ``/run/reuseport-standby/SERVICE.sock``).
+(the supervisor's control socket, default ``/run/reuseport-standby/SERVICE.sock``),
+``REUSEPORT_STANDBY_CONNECT_TIMEOUT`` (seconds to wait for the supervisor, default 30).
 
 Importing this module registers the gunicorn master with the supervisor and
 takes its listeners; the logic lives in :mod:`reuseport_standby.gunicorn`.
@@ -20,7 +21,6 @@ bind = _integration.current().binds
 control_socket = _integration.current().control_socket
 on_starting = _integration.on_starting
 post_worker_init = _integration.post_worker_init
-worker_exit = _integration.worker_exit
 on_exit = _integration.on_exit
 
-__all__ = ["bind", "control_socket", "on_starting", "post_worker_init", "worker_exit", "on_exit"]
+__all__ = ["bind", "control_socket", "on_starting", "post_worker_init", "on_exit"]

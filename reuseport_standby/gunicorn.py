@@ -18,8 +18,8 @@ can import them and :func:`compose` them with its own.
   listeners and signals the workers.  It is wrapped so the instance first
   leaves its slots: nothing new arrives, what is queued migrates when the
   last copy of the listener closes, what was accepted completes.  Workers
-  close their copies as soon as they are done serving (``worker_exit``),
-  so the queue does not wait for their interpreters to tear down.
+  close their copies as soon as their serving loop returns, so the queue
+  does not wait for their interpreters to tear down.
 """
 
 from __future__ import annotations
@@ -229,8 +229,13 @@ class GunicornInstance:
 
     # -- workers ----------------------------------------------------------------------
     def watch(self, worker: "Worker") -> None:
-        """In a worker whose app is loaded: report its first heartbeat, i.e. that it serves."""
+        """In a worker whose app is loaded, before its serving loop.
+
+        Reports the worker's first heartbeat (it serves), and closes its
+        listener copies the moment its serving loop returns.
+        """
         heartbeat = worker.notify
+        run = worker.run
 
         def first_heartbeat() -> None:
             worker.notify = heartbeat
@@ -240,9 +245,17 @@ class GunicornInstance:
             except OSError as exc:
                 log.warning("reuseport-standby: could not tell the master that worker %d serves: %s", os.getpid(), exc)
 
-        worker.notify = first_heartbeat
+        def run_then_release() -> None:
+            try:
+                run()
+            finally:
+                self.release(worker)
 
-    def release(self, worker: "Worker") -> None:
+        worker.notify = first_heartbeat
+        worker.run = run_then_release  # gunicorn calls self.run() right after post_worker_init
+
+    @staticmethod
+    def release(worker: "Worker") -> None:
         """In a worker that is done serving: close its copies of the listeners now.
 
         A stopping instance's queue migrates when the last copy of its
@@ -251,8 +264,6 @@ class GunicornInstance:
         app), and the queue waits that long.  Listeners the master still
         holds (HUP, worker recycling) stay open.
         """
-        if os.getpid() != worker.pid:
-            return  # gunicorn also calls worker_exit in the master, for a worker that vanished
         for sock in worker.sockets:
             try:
                 sock.close()
@@ -332,13 +343,6 @@ def post_worker_init(worker: "Worker") -> None:
 
 
 @_hook
-def worker_exit(server: "Arbiter", worker: "Worker") -> None:
-    """gunicorn hook (worker, done serving; also master, for a worker that vanished)."""
-    if _current is not None:
-        _current.release(worker)
-
-
-@_hook
 def on_exit(server: "Arbiter") -> None:
     """gunicorn hook (master, workers gone)."""
     if _current is not None:
@@ -346,7 +350,7 @@ def on_exit(server: "Arbiter") -> None:
 
 
 HOOKS: dict[str, Callable[..., None]] = {"on_starting": on_starting, "post_worker_init": post_worker_init,
-                                          "worker_exit": worker_exit, "on_exit": on_exit}
+                                          "on_exit": on_exit}
 
 
 def _arity(fn: Callable[..., Any]) -> int:

@@ -121,6 +121,7 @@ class LibBpf:
             "bpf_map_delete_elem": (ci, [ci, vp]),
             "bpf_obj_get_info_by_fd": (ci, [ci, vp, ctypes.POINTER(u32)]),
             "bpf_enable_stats": (ci, [ci]),
+            "bpf_map_create": (ci, [ci, cp, u32, u32, u32, vp]),
             "libbpf_major_version": (u32, []),
             "libbpf_minor_version": (u32, []),
         }

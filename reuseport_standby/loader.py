@@ -35,6 +35,7 @@ SO_COOKIE = 57
 PROG_NAME = "rs_select_or_migrate"
 MAP_NAMES = ("rs_slots", "rs_config", "rs_counters", "rs_slot_hits")
 MIGRATE_MIN_KERNEL = (5, 14)
+LOADERS = ("libbpf", "bcc")
 
 
 def packaged_object() -> Path:
@@ -123,14 +124,29 @@ class Group:
     # -- opening ------------------------------------------------------------
     @classmethod
     def open(cls, pin_dir: str | os.PathLike[str], *, migrate: bool | None = None, obj_path: str | os.PathLike[str] | None = None,
-             mount_bpffs: bool = False) -> "Group":
+             mount_bpffs: bool = False, loader: str = "libbpf", bpf_source: str | os.PathLike[str] | None = None) -> "Group":
         """Load the packaged program, reuse or create the pinned maps, pin the program.
 
         ``migrate=None`` picks SELECT_OR_MIGRATE where the kernel has it
         (5.14+) and degrades to SELECT with a warning elsewhere;
         ``migrate=False`` forces plain SELECT (the published demo design, kept
-        for comparisons).
+        for comparisons).  ``loader="bcc"`` compiles the C source (or
+        ``bpf_source``) with BCC instead of loading the packaged object.
         """
+        if loader not in LOADERS:
+            raise ValueError(f"unknown loader {loader!r}: expected one of {', '.join(LOADERS)}")
+        if bpf_source and loader != "bcc":
+            raise ValueError("a BPF source file is compiled by the BCC loader: add --loader bcc")
+        if migrate is None:
+            migrate = kernel_version() >= MIGRATE_MIN_KERNEL
+            if not migrate:
+                log.warning(
+                    "kernel %s is older than 5.14: no listener migration; queued connections of a closing "
+                    "instance will be reset. Upgrade the kernel for lossless restarts.", platform.release())
+        if loader == "bcc":
+            from . import bcc_loader
+
+            return bcc_loader.load(pin_dir, migrate=migrate, source=bpf_source, mount_bpffs=mount_bpffs)
         lib = _libbpf.load()
         pin_dir = Path(pin_dir)
         check_bpffs(str(pin_dir), mount=mount_bpffs)
@@ -138,12 +154,6 @@ class Group:
             pin_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         except PermissionError as exc:
             raise PermissionProblem(f"cannot create pin directory {pin_dir}: {exc.strerror}; run as root or give this user write access") from exc
-        if migrate is None:
-            migrate = kernel_version() >= MIGRATE_MIN_KERNEL
-            if not migrate:
-                log.warning(
-                    "kernel %s is older than 5.14: no listener migration; queued connections of a closing "
-                    "instance will be reset. Upgrade the kernel for lossless restarts.", platform.release())
         obj_path = str(obj_path or packaged_object())
         prog_fd, map_fds = _load(lib, obj_path, pin_dir, migrate)
         group = cls(pin_dir, prog_fd, map_fds, migrate, lib)

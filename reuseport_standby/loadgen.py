@@ -9,6 +9,7 @@ loopback or in a network namespace they created.
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 import time
@@ -128,15 +129,27 @@ def exchange(host: str, port: int, path: str = "/", timeout: float = 5.0,
         return type(exc).__name__, None, b""
 
 
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """An idle keep-alive connection with anything to read (EOF, a reset) is one the server has dropped."""
+    p = select.poll()
+    p.register(sock, select.POLLIN | select.POLLRDHUP | select.POLLERR | select.POLLHUP)
+    return bool(p.poll(0))
+
+
 class Load:
     """Run load in background threads: ``with Load(...) as load: ...; result = load.result``."""
 
     def __init__(self, host: str, port: int, *, concurrency: int = 8, duration: float = 10.0,
                  max_requests: int = 200_000, path: str = "/", keepalive: bool = False, timeout: float = 5.0,
                  record_latencies: bool = True, record_events: bool = False, request_ids: bool = False,
-                 id_base: int = 0) -> None:
+                 id_base: int = 0, requests_per_connection: int = 0, reuse_check: bool = False) -> None:
         """``request_ids``: give every request a unique ``id=N`` (N from ``id_base`` up) in its query
-        string and keep a :class:`RequestRecord` of each in ``result.requests``."""
+        string and keep a :class:`RequestRecord` of each in ``result.requests``.
+
+        With ``keepalive``: ``requests_per_connection`` > 0 closes a connection after that many
+        requests and opens a new one (as connection pools recycle theirs); ``reuse_check`` polls an
+        idle connection before reusing it and opens a new one if the server has closed it (as
+        urllib3 does), instead of sending a request into a connection that is already gone."""
         self.host, self.port, self.path = host, port, path
         self.concurrency = concurrency
         self.duration = duration
@@ -147,6 +160,8 @@ class Load:
         self.record_events = record_events
         self.request_ids = request_ids
         self.id_base = id_base
+        self.requests_per_connection = requests_per_connection
+        self.reuse_check = reuse_check
         self.result = LoadResult()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -212,23 +227,27 @@ class Load:
     def _worker(self) -> None:
         deadline = self._start + self.duration
         sock: socket.socket | None = None
-        used = False  # the keep-alive socket in hand already carried a request
+        carried = 0  # requests the keep-alive socket in hand has carried
         while not self._stop.is_set() and time.monotonic() < deadline:
             seq = self._take_id()
             if seq is None:
                 break
             t0 = time.monotonic()
+            if sock is not None and ((self.requests_per_connection and carried >= self.requests_per_connection)
+                                     or (self.reuse_check and _closed_by_peer(sock))):
+                sock.close()
+                sock = None
             if self.keepalive and sock is None:
                 sock, kind = self._connect()
-                used = False
+                carried = 0
                 if sock is None:
                     ended = time.monotonic()
                     self._record(kind, ended - t0)
                     self._trace(seq, t0, ended, kind, b"", False)
                     continue
-            reused = sock is not None and used
+            reused = carried > 0
             kind, sock, body = exchange(self.host, self.port, self._path_for(seq), self.timeout, sock)
-            used = sock is not None
+            carried = carried + 1 if sock is not None else 0
             ended = time.monotonic()
             self._record(kind, ended - t0, body)
             self._trace(seq, t0, ended, kind, body, reused)

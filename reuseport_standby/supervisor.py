@@ -108,6 +108,8 @@ class Supervisor:
         mount_bpffs: bool = False,
         stall_timeout: float = 2.0,
         on_hang: str = "demote",
+        loader: str = "libbpf",
+        bpf_source: str | None = None,
     ) -> None:
         if not addresses:
             raise ValueError("a service needs at least one --bind address")
@@ -128,6 +130,8 @@ class Supervisor:
             raise ValueError("--stall-timeout must be >= 0 (0 turns stall detection off)")
         self.stall_timeout = stall_timeout
         self.on_hang = on_hang
+        self.loader = loader
+        self.bpf_source = bpf_source
         self.swapped = False
         self.demotions_total = 0
         self._next_health = 0.0
@@ -161,9 +165,9 @@ class Supervisor:
         self._wake_r.setblocking(False)
         self._sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
         self.started_at = time.time()
-        log.info("service %s ready on %s (control %s, %s, %.1f ms)", self.service,
+        log.info("service %s ready on %s (control %s, %s, %s loader, %.1f ms)", self.service,
                  ", ".join(map(str, self.addresses)), self.control_path,
-                 "select-or-migrate" if self._migrating else "plain select (no migration)",
+                 "select-or-migrate" if self._migrating else "plain select (no migration)", self.loader,
                  (time.monotonic() - t0) * 1000)
 
     @property
@@ -171,7 +175,8 @@ class Supervisor:
         return all(s.group.migrate for s in self.states.values())
 
     def _open_address(self, address: Address) -> AddressState:
-        group = Group.open(self.pin_dir / address.group_name, migrate=self.migrate, mount_bpffs=self.mount_bpffs)
+        group = Group.open(self.pin_dir / address.group_name, migrate=self.migrate, mount_bpffs=self.mount_bpffs,
+                           loader=self.loader, bpf_source=self.bpf_source)
         if self.gid is not None:
             group.share_read_only(self.gid)
         try:

@@ -21,7 +21,14 @@ adds the two moments the supervisor has to hear about:
 
 The listeners are owned by the main process for its whole life, so a worker
 crash, ``--limit-max-requests`` or a SIGHUP worker restart never closes them:
-the instance stays active and its queue waits for the next worker.
+the instance stays active and its queue waits for the next worker.  A worker
+that stops while the listeners stay active (a SIGHUP restart,
+``--limit-max-requests``) still accepts until the moment its shutdown starts,
+and uvicorn's shutdown closes every connection that has not delivered a
+request yet: a request accepted just before would be reset.  The config
+given to uvicorn (:class:`StandbyConfig`) therefore wraps the HTTP protocol
+so that shutdown waits up to ``FIRST_REQUEST_GRACE`` for such a connection's
+first bytes, and serves that request before closing.
 
 uvicorn is imported here only; the rest of the package does not need it.
 """
@@ -55,12 +62,15 @@ EXIT_OK, EXIT_ERROR = 0, 1
 EXIT_STARTUP_FAILURE = STARTUP_FAILURE  # uvicorn's own: the app never started serving
 
 # After leaving the slots, keep accepting this long before uvicorn's shutdown
-# begins.  Connections already on their way (queued, or mid-handshake) get
-# accepted and their first request read: uvicorn's shutdown closes every
-# connection that has not delivered a request yet, which for one accepted a
-# moment earlier means a reset request.  What is still queued after the
-# grace is migrated when the listeners close.
+# begins, so that what was already on its way (queued, or mid-handshake) is
+# served here.  With migration the kernel would hand it to the other
+# instance anyway; without it (plain SELECT, kernels before 5.14) this is
+# what keeps a SIGTERM from resetting it.
 STOP_GRACE = 0.2
+
+# How long uvicorn's shutdown waits for a connection it accepted but has
+# heard nothing from yet (see _first_request_grace).
+FIRST_REQUEST_GRACE = 1.0
 
 # uvicorn settings that the supervisor owns, and why each is refused.
 REFUSED = {
@@ -101,7 +111,7 @@ def run(
     if app_dir is not None:
         sys.path.insert(0, app_dir)  # as uvicorn.run does; spawned workers inherit sys.path
     user_notify = config.pop("callback_notify", None)
-    cfg = uvicorn.Config(app, **config)
+    cfg = StandbyConfig(app, **config)
     if cfg.workers > 1 and not isinstance(app, str):
         raise ValueError("workers > 1 needs the application as an import string ('module:attribute'): "
                          "every worker process imports it itself")
@@ -136,7 +146,8 @@ def run(
 def check_options(config: dict[str, Any]) -> None:
     """Refuse uvicorn settings that would fight the supervisor (addresses, backlog, reload)."""
     for name, why in REFUSED.items():
-        if name in config and config[name] not in (None, False):
+        value = config.get(name)
+        if value is not None and value is not False:
             raise ValueError(f"uvicorn option '{name}' is not allowed here: {why}")
 
 
@@ -164,6 +175,66 @@ def listen_backlog(sockets: list[socket.socket]) -> int | None:
 def _instance_name(app: Any, workers: int) -> str:
     target = app if isinstance(app, str) else getattr(app, "__qualname__", type(app).__qualname__)
     return f"uvicorn {target}{f' ({workers} workers)' if workers > 1 else ''}"[:128]
+
+
+class StandbyConfig(uvicorn.Config):
+    """``uvicorn.Config`` whose HTTP protocol lets a just-accepted connection deliver its request at shutdown.
+
+    It is pickled to spawned workers like any Config, so the workers' stock
+    ``Server`` loads the wrapped protocol too.
+    """
+
+    def load(self) -> None:
+        super().load()
+        self.http_protocol_class = _first_request_grace(self.http_protocol_class)
+
+
+def _first_request_grace(protocol_class: type[asyncio.Protocol]) -> type[asyncio.Protocol]:
+    """A subclass of uvicorn's HTTP protocol whose ``shutdown()`` spares connections with nothing received yet.
+
+    Uses only the asyncio Protocol callbacks and uvicorn's ``shutdown()``:
+    a connection that has received no byte for less than
+    ``FIRST_REQUEST_GRACE`` seconds gets ``shutdown()`` again when its first
+    data arrives or the grace ends, whichever comes first.
+    """
+
+    class FirstRequestGrace(protocol_class):  # type: ignore[valid-type, misc]
+        _rs_made_at = 0.0
+        _rs_heard = False
+        _rs_shutdown_pending = False
+        _rs_transport: asyncio.BaseTransport | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self._rs_made_at = time.monotonic()
+            self._rs_transport = transport
+            super().connection_made(transport)
+
+        def data_received(self, data: bytes) -> None:
+            self._rs_heard = True
+            super().data_received(data)
+            if self._rs_shutdown_pending:
+                self._rs_shutdown_pending = False
+                self.shutdown()  # now with its request under way: served, then closed
+
+        def shutdown(self) -> None:
+            transport = self._rs_transport
+            if transport is not None and transport.is_closing():
+                return
+            left = FIRST_REQUEST_GRACE - (time.monotonic() - self._rs_made_at)
+            if not self._rs_heard and left > 0:
+                if not self._rs_shutdown_pending:
+                    self._rs_shutdown_pending = True
+                    asyncio.get_running_loop().call_later(left, self._rs_grace_over)
+                return
+            super().shutdown()
+
+        def _rs_grace_over(self) -> None:
+            if self._rs_shutdown_pending:
+                self._rs_shutdown_pending = False
+                self.shutdown()
+
+    FirstRequestGrace.__name__ = FirstRequestGrace.__qualname__ = f"FirstRequestGrace{protocol_class.__name__}"
+    return FirstRequestGrace
 
 
 class ServingNotice:
@@ -242,7 +313,7 @@ def _relay(reader: Connection, activation: Activation) -> None:
 class _DrainingServer(uvicorn.Server):
     """A single-process server that leaves its slots before it stops accepting."""
 
-    def __init__(self, config: uvicorn.Config, before_close: Callable[[], None]) -> None:
+    def __init__(self, config: StandbyConfig, before_close: Callable[[], None]) -> None:
         super().__init__(config)
         self._before_close = before_close
 
@@ -259,7 +330,7 @@ class _DrainingMultiprocess(Multiprocess):
     last worker to close them is the one whose close migrates the queue.
     """
 
-    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket], before_stop: Callable[[], None]) -> None:
+    def __init__(self, config: StandbyConfig, sockets: list[socket.socket], before_stop: Callable[[], None]) -> None:
         super().__init__(config, sockets)
         self._before_stop = before_stop
 
@@ -271,7 +342,7 @@ class _DrainingMultiprocess(Multiprocess):
             sock.close()
 
 
-def _run_single(cfg: uvicorn.Config, sockets: list[socket.socket], activation: Activation) -> int:
+def _run_single(cfg: StandbyConfig, sockets: list[socket.socket], activation: Activation) -> int:
     server = _DrainingServer(cfg, activation.stop)
     activation.on_failure = lambda: setattr(server, "should_exit", True)
     try:
@@ -287,7 +358,7 @@ def _run_single(cfg: uvicorn.Config, sockets: list[socket.socket], activation: A
     return EXIT_OK if server.started else EXIT_STARTUP_FAILURE
 
 
-def _run_workers(cfg: uvicorn.Config, sockets: list[socket.socket], activation: Activation) -> int:
+def _run_workers(cfg: StandbyConfig, sockets: list[socket.socket], activation: Activation) -> int:
     supervisor = _DrainingMultiprocess(cfg, sockets, activation.stop)
     activation.on_failure = supervisor.should_exit.set
     try:

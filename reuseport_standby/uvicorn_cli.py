@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import signal
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from . import protocol
@@ -57,10 +59,18 @@ def command(args: argparse.Namespace) -> int:
 
     from .uvicorn import run
 
+    # SIGTERM asks for a clean stop.  uvicorn handles it while it serves and
+    # re-raises it once drained; ending with status 0 then (and before uvicorn
+    # takes over) runs the cleanup that the default action would skip.
+    signal.signal(signal.SIGTERM, _terminated)
     return run(app, role=role, service=service, control=control, **kwargs)
 
 
-def _check_service(ctx: "click.Context", param: "click.Parameter", value: str) -> str:
+def _terminated(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
+def _check_service(ctx: click.Context, param: click.Parameter, value: str) -> str:
     import click
 
     try:
@@ -69,7 +79,7 @@ def _check_service(ctx: "click.Context", param: "click.Parameter", value: str) -
         raise click.BadParameter(str(exc)) from None
 
 
-def _click_command() -> "click.Command":
+def _click_command() -> click.Command:
     import click
     from uvicorn.main import main as uvicorn_main
 
@@ -96,7 +106,7 @@ def _click_command() -> "click.Command":
                          context_settings=dict(uvicorn_main.context_settings or {}))
 
 
-def config_from_context(ctx: "click.Context") -> tuple[str, str, str | None, str, dict[str, Any]]:
+def config_from_context(ctx: click.Context) -> tuple[str, str, str | None, str, dict[str, Any]]:
     """(role, service, control, app, uvicorn.run-style keywords) from a parsed context.
 
     Mirrors what ``uvicorn.main.main`` does with its parameters before it

@@ -53,6 +53,28 @@ def remove_pins(path: Path) -> None:
     os.rmdir(path)
 
 
+@functools.lru_cache(maxsize=1)
+def bcc_problem() -> str | None:
+    try:
+        from reuseport_standby import bcc_loader
+
+        bcc_loader.import_bcc()
+        return bcc_loader.headers_problem()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def require_bcc() -> None:
+    """The BCC loader's tests skip only where BCC truly cannot run, and never in CI."""
+    require_kernel()
+    problem = bcc_problem()
+    if problem is None:
+        return
+    if REQUIRE_KERNEL:
+        pytest.fail(f"REUSEPORT_STANDBY_REQUIRE_KERNEL=1 but the BCC loader cannot run: {problem}", pytrace=False)
+    pytest.skip(f"BCC unavailable: {problem}")
+
+
 @pytest.fixture
 def kernel() -> None:
     require_kernel()
@@ -79,8 +101,11 @@ def port() -> int:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if TEST_PIN_BASE.exists():
-        shutil.rmtree(TEST_PIN_BASE, ignore_errors=True)
+    # Each test removes its own pins; another test session may still be using the base.
+    try:
+        TEST_PIN_BASE.rmdir()
+    except OSError:
+        pass
 
 
 @pytest.fixture

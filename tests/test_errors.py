@@ -61,3 +61,26 @@ def test_libbpf_missing_says_what_to_install(monkeypatch: pytest.MonkeyPatch) ->
     finally:
         monkeypatch.undo()
         libbpf.load.cache_clear()
+
+
+def test_bcc_missing_and_headers_missing_say_what_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import sys
+
+    from reuseport_standby import bcc_loader
+
+    monkeypatch.setitem(sys.modules, "bcc", None)  # as if not installed anywhere
+    monkeypatch.setattr(bcc_loader, "SYSTEM_DIST_PACKAGES", (str(tmp_path),))
+    with pytest.raises(BpfUnavailable, match="apt-get install python3-bpfcc"):
+        bcc_loader.import_bcc()
+    monkeypatch.setattr(bcc_loader.platform, "release", lambda: "0.0.0-no-such-kernel")
+    assert "linux-headers" in (bcc_loader.headers_problem() or "")
+
+
+def test_default_loader_never_imports_bcc(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, reuseport_standby.supervisor, reuseport_standby.cli, reuseport_standby.loader\n"
+            "print('bcc' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import free_port, require_bcc
 from netutil import accept_pending, collect, open_clients, serve
 from reuseport_standby.layout import PARKING_SLOT, Config, Counter, Role
 from reuseport_standby.loader import Group, socket_cookie
@@ -29,8 +29,16 @@ def address(request: pytest.FixtureRequest, kernel: None) -> Address:
     return Address("127.0.0.1", free_port())
 
 
-def open_group(pin_root: Path, address: Address, migrate: bool = True) -> Group:
-    return Group.open(pin_root / address.group_name, migrate=migrate)
+@pytest.fixture(params=["libbpf", "bcc"])
+def loader(request: pytest.FixtureRequest, kernel: None) -> str:
+    """Every kernel test runs with both loaders of the same C program."""
+    if request.param == "bcc":
+        require_bcc()
+    return request.param
+
+
+def open_group(pin_root: Path, address: Address, migrate: bool = True, loader: str = "libbpf") -> Group:
+    return Group.open(pin_root / address.group_name, migrate=migrate, loader=loader)
 
 
 def activate(group: Group, slot: int, sock: socket.socket) -> None:
@@ -48,8 +56,8 @@ def target(address: Address) -> tuple[str, int]:
     return (address.host, address.port)
 
 
-def test_primary_takes_every_new_connection(pin_root: Path, address: Address) -> None:
-    with open_group(pin_root, address) as g:
+def test_primary_takes_every_new_connection(pin_root: Path, address: Address, loader: str) -> None:
+    with open_group(pin_root, address, loader=loader) as g:
         primary, standby = create_listener(address), create_listener(address)
         g.attach(primary)
         activate(g, P0, primary)
@@ -62,8 +70,8 @@ def test_primary_takes_every_new_connection(pin_root: Path, address: Address) ->
         assert c[Counter.SELECTED_PRIMARY] == N and c[Counter.SELECTED_STANDBY] == 0
 
 
-def test_failover_to_standby_and_back(pin_root: Path, address: Address) -> None:
-    with open_group(pin_root, address) as g:
+def test_failover_to_standby_and_back(pin_root: Path, address: Address, loader: str) -> None:
+    with open_group(pin_root, address, loader=loader) as g:
         primary, standby = create_listener(address), create_listener(address)
         g.attach(standby)
         activate(g, P0, primary)
@@ -103,13 +111,13 @@ ENDINGS = {
 
 @pytest.mark.parametrize("ending", sorted(ENDINGS))
 @pytest.mark.parametrize("migrate", [True, False], ids=["select_or_migrate", "plain_select"])
-def test_queue_of_dying_primary(pin_root: Path, address: Address, ending: str, migrate: bool) -> None:
+def test_queue_of_dying_primary(pin_root: Path, address: Address, ending: str, migrate: bool, loader: str) -> None:
     """N connections wait, unaccepted, in the primary's queue when it dies.
 
     With SELECT_OR_MIGRATE the standby answers every one; the same program
     loaded as plain SELECT (the published demo design) resets every one.
     """
-    with open_group(pin_root, address, migrate=migrate) as g:
+    with open_group(pin_root, address, migrate=migrate, loader=loader) as g:
         assert g.migrate is migrate
         primary, standby = create_listener(address), create_listener(address)
         g.attach(standby)
@@ -130,9 +138,9 @@ def test_queue_of_dying_primary(pin_root: Path, address: Address, ending: str, m
             primary.close()
 
 
-def test_dying_primary_prefers_its_role_mate(pin_root: Path, address: Address) -> None:
+def test_dying_primary_prefers_its_role_mate(pin_root: Path, address: Address, loader: str) -> None:
     """During a primary restart overlap, the old primary's queue goes to the new primary, not the standby."""
-    with open_group(pin_root, address) as g:
+    with open_group(pin_root, address, loader=loader) as g:
         old, new, standby = (create_listener(address) for _ in range(3))
         g.attach(standby)
         activate(g, P0, old)
@@ -148,8 +156,8 @@ def test_dying_primary_prefers_its_role_mate(pin_root: Path, address: Address) -
         standby.close()
 
 
-def test_parking_holds_connections_until_an_instance_appears(pin_root: Path, address: Address) -> None:
-    with open_group(pin_root, address) as g:
+def test_parking_holds_connections_until_an_instance_appears(pin_root: Path, address: Address, loader: str) -> None:
+    with open_group(pin_root, address, loader=loader) as g:
         anchor = create_listener(address)
         g.attach(anchor)
         g.set_slot(PARKING_SLOT, anchor)
@@ -175,8 +183,8 @@ def test_parking_holds_connections_until_an_instance_appears(pin_root: Path, add
             c.close()
 
 
-def test_standby_started_before_primary(pin_root: Path, address: Address) -> None:
-    with open_group(pin_root, address) as g:
+def test_standby_started_before_primary(pin_root: Path, address: Address, loader: str) -> None:
+    with open_group(pin_root, address, loader=loader) as g:
         standby = create_listener(address)
         g.attach(standby)
         activate(g, S0, standby)
@@ -193,8 +201,8 @@ def test_standby_started_before_primary(pin_root: Path, address: Address) -> Non
         standby.close()
 
 
-def test_group_recreated_after_every_socket_closed(pin_root: Path, address: Address) -> None:
-    with open_group(pin_root, address) as g:
+def test_group_recreated_after_every_socket_closed(pin_root: Path, address: Address, loader: str) -> None:
+    with open_group(pin_root, address, loader=loader) as g:
         first = create_listener(address)
         g.attach(first)
         activate(g, P0, first)
@@ -211,8 +219,8 @@ def test_group_recreated_after_every_socket_closed(pin_root: Path, address: Addr
         standby.close()
 
 
-def test_slot_refuses_overwrite_and_cookie_guards_clear(pin_root: Path, address: Address) -> None:
-    with open_group(pin_root, address) as g:
+def test_slot_refuses_overwrite_and_cookie_guards_clear(pin_root: Path, address: Address, loader: str) -> None:
+    with open_group(pin_root, address, loader=loader) as g:
         a, b = create_listener(address), create_listener(address)
         g.attach(a)
         g.set_slot(P0, a)
@@ -229,31 +237,40 @@ def test_slot_refuses_overwrite_and_cookie_guards_clear(pin_root: Path, address:
         b.close()
 
 
-def test_pinned_state_outlives_loader_and_is_readopted(pin_root: Path, address: Address) -> None:
+def test_pinned_state_outlives_loader_and_is_readopted(pin_root: Path, address: Address, loader: str) -> None:
     pin = pin_root / address.group_name
     code = (
         "import sys; from reuseport_standby.loader import Group; from reuseport_standby.layout import Config\n"
-        "g = Group.open(sys.argv[1]); g.write_config(Config(primary_span=3, standby_weight=7))\n"
+        "g = Group.open(sys.argv[1], loader=sys.argv[2]); g.write_config(Config(primary_span=3, standby_weight=7))\n"
         "print(g.prog_info.id, g.map_ids['rs_slots'])\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(pin)], check=True, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", code, str(pin), loader], check=True, capture_output=True, text=True,
                          cwd=Path(__file__).parent.parent).stdout.split()
     prog_id, slots_id = int(out[0]), int(out[1])
-    with Group.open(pin) as g:
+    pins = ["prog_migrate", "rs_config", "rs_counters", "rs_slot_hits", "rs_slots"]
+    with Group.open(pin, loader=loader) as g:
         assert g.prog_info.id == prog_id, "the pinned program is re-adopted, not duplicated"
         assert g.map_ids["rs_slots"] == slots_id
         assert g.read_config() == Config(primary_span=3, standby_weight=7)
-        assert sorted(os.listdir(pin)) == ["prog_migrate", "rs_config", "rs_counters", "rs_slot_hits", "rs_slots"]
+        assert sorted(os.listdir(pin)) == pins
         assert not g.replaced_program
+    # The other loader re-adopts the same maps (its program differs: it replaces the pin).
+    other = "bcc" if loader == "libbpf" else "libbpf"
+    if other == "bcc":
+        require_bcc()
+    with Group.open(pin, loader=other) as g:
+        assert g.map_ids["rs_slots"] == slots_id
+        assert g.read_config() == Config(primary_span=3, standby_weight=7)
+        assert sorted(os.listdir(pin)) == pins
     # Switching to plain SELECT replaces the pinned program rather than mixing.
-    with Group.open(pin, migrate=False) as g:
+    with Group.open(pin, migrate=False, loader=loader) as g:
         assert g.replaced_program
-        assert sorted(os.listdir(pin)) == ["prog_select", "rs_config", "rs_counters", "rs_slot_hits", "rs_slots"]
+        assert sorted(os.listdir(pin)) == ["prog_select", *pins[1:]]
 
 
-def test_non_tcp_traffic_passes_untouched(pin_root: Path, kernel: None) -> None:
+def test_non_tcp_traffic_passes_untouched(pin_root: Path, kernel: None, loader: str) -> None:
     address = Address("127.0.0.1", free_port())
-    with open_group(pin_root, address) as g:
+    with open_group(pin_root, address, loader=loader) as g:
         socks = []
         for _ in range(2):
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -277,9 +294,9 @@ def test_non_tcp_traffic_passes_untouched(pin_root: Path, kernel: None) -> None:
         assert sum(g.counters().values.values()) == 0
 
 
-def test_counters_match_the_traffic(pin_root: Path, kernel: None) -> None:
+def test_counters_match_the_traffic(pin_root: Path, kernel: None, loader: str) -> None:
     address = Address("127.0.0.1", free_port())
-    with open_group(pin_root, address) as g:
+    with open_group(pin_root, address, loader=loader) as g:
         anchor, primary, standby = (create_listener(address) for _ in range(3))
         g.attach(anchor)
         g.set_slot(PARKING_SLOT, anchor)
@@ -318,3 +335,32 @@ def test_without_cap_bpf_the_error_says_what_is_missing(pin_root: Path, kernel: 
     out = subprocess.run([sys.executable, "-c", code, str(pin)], capture_output=True, text=True, timeout=30,
                          cwd=Path(__file__).parent.parent).stdout
     assert out.startswith("PermissionProblem") and "CAP_BPF" in out, out
+
+
+def test_bcc_loads_a_users_variant_and_shows_compiler_errors(pin_root: Path, tmp_path: Path, kernel: None) -> None:
+    """--bpf-source: a variant (here: the standby first, always) runs; a broken one says why."""
+    require_bcc()
+    from reuseport_standby.bcc_loader import packaged_source
+    from reuseport_standby.errors import BpfUnavailable
+
+    variant = tmp_path / "standby_first.bpf.c"
+    variant.write_text(packaged_source().read_text().replace(
+        "\tfirst = RS_ROLE_PRIMARY;\n\tsecond = RS_ROLE_STANDBY;",
+        "\tfirst = RS_ROLE_STANDBY;\n\tsecond = RS_ROLE_PRIMARY;"))
+    address = Address("127.0.0.1", free_port())
+    with Group.open(pin_root / address.group_name, loader="bcc", bpf_source=variant) as g:
+        primary, standby = create_listener(address), create_listener(address)
+        g.attach(primary)
+        activate(g, P0, primary)
+        activate(g, S0, standby)
+        clients = open_clients(target(address), 10, address.family)
+        assert serve(standby, limit=10) == 10 and accept_pending(primary) == 0
+        collect(clients)
+        primary.close()
+        standby.close()
+    broken = tmp_path / "broken.bpf.c"
+    broken.write_text(packaged_source().read_text().replace("start = hash % span;", "start = hash % span"))
+    with pytest.raises(BpfUnavailable, match=r"(?s)BCC could not compile.*error: expected ';'"):
+        Group.open(pin_root / "broken", loader="bcc", bpf_source=broken)
+    with pytest.raises(ValueError, match="--loader bcc"):
+        Group.open(pin_root / "x", bpf_source=broken)

@@ -3,9 +3,8 @@
 The star import brings reuseport-standby's settings: ``bind`` (the
 supervisor's listeners), ``control_socket`` and its hooks.  Set anything
 else as usual.  A hook that reuseport-standby also uses (``on_starting``,
-``post_worker_init``, ``worker_exit``, ``on_exit``) must be composed, not
-replaced (gunicorn refuses to start if ``on_starting`` or
-``post_worker_init`` is replaced).  Helper names start with ``_`` because gunicorn
+``post_worker_init``, ``on_exit``) must be composed, not replaced: gunicorn
+refuses to start otherwise.  Helper names start with ``_`` because gunicorn
 applies every module-level name that matches one of its settings.
 """
 
