@@ -130,6 +130,7 @@ class InstanceClient:
         # supervisor demote an instance whose process stopped running (SIGSTOP, a hang).
         self.heartbeat = heartbeat if reconnect else None
         self.addresses: list[Address] = []
+        self.backlog: int | None = None  # the listen() backlog the supervisor gave our sockets
         self.instance_id: int | None = None
         self.state = "new"  # new -> pending -> active -> stopped
         self._conn: socket.socket | None = None
@@ -157,6 +158,7 @@ class InstanceClient:
                 conn.close()
                 raise
             self.addresses = [Address.parse(a) for a in reply["addresses"]]
+            self.backlog = reply.get("backlog")
             if len(socks) != len(self.addresses):
                 conn.close()
                 raise ProtocolError("fd_mismatch", f"supervisor sent {len(socks)} sockets for {len(self.addresses)} addresses")

@@ -36,15 +36,18 @@ uvicorn is imported here only; the rest of the package does not need it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import multiprocessing
 import os
+import signal
 import socket
 import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from multiprocessing.connection import Connection
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -119,9 +122,8 @@ def run(
     client = InstanceClient(the_role, the_service, control=control, name=_instance_name(app, cfg.workers))
     sockets = client.open()
     try:
-        backlog = listen_backlog(sockets)
-        if backlog is not None:
-            cfg.backlog = backlog  # uvicorn calls listen() again with it: keep the supervisor's
+        if client.backlog is not None:
+            cfg.backlog = client.backlog  # uvicorn calls listen() again with it: keep the supervisor's
         reader, writer = multiprocessing.get_context("spawn").Pipe(duplex=False)
         cfg.callback_notify = ServingNotice(writer, user_notify)
         activation = Activation(client)
@@ -156,20 +158,6 @@ def resolve_role(role: Role | str | None) -> Role:
     if not value:
         raise ValueError("no role given: pass role='primary' or 'standby' (--role), or set REUSEPORT_STANDBY_ROLE")
     return value if isinstance(value, Role) else Role.parse(value)
-
-
-def listen_backlog(sockets: list[socket.socket]) -> int | None:
-    """The backlog the supervisor gave these listeners, from sock_diag (None if unknown)."""
-    from . import diag
-    from .loader import socket_cookie
-
-    try:
-        queues = diag.listeners()
-    except OSError as exc:
-        log.warning("could not read the listeners' backlog (%s); uvicorn's backlog applies", exc)
-        return None
-    found = [queues[c].backlog for c in map(socket_cookie, sockets) if c in queues]
-    return min(found) if found else None
 
 
 def _instance_name(app: Any, workers: int) -> str:
@@ -326,13 +314,37 @@ class _DrainingServer(uvicorn.Server):
 class _DrainingMultiprocess(Multiprocess):
     """uvicorn's worker supervisor, leaving the slots before it stops its workers.
 
-    It also drops the main process's copies of the listeners then, so the
-    last worker to close them is the one whose close migrates the queue.
+    uvicorn looks at its signals every 0.5 s; the slots are left at once, from
+    a thread woken by the signal handler, because a SIGTERM sent to the whole
+    process group (systemd's default KillMode, Ctrl-C) stops the workers'
+    accepting within 0.1 s.  The main process's copies of the listeners are
+    dropped when the workers are told to stop, so the last worker to close
+    them is the one whose close migrates the queue.
     """
 
     def __init__(self, config: StandbyConfig, sockets: list[socket.socket], before_stop: Callable[[], None]) -> None:
-        super().__init__(config, sockets)
+        super().__init__(config, sockets)  # installs uvicorn's handlers, which queue the signal
         self._before_stop = before_stop
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, functools.partial(self._on_stop_signal, signal.getsignal(sig)))
+        threading.Thread(target=self._stop_when_woken, name="reuseport-standby-stop", daemon=True).start()
+
+    def _on_stop_signal(self, uvicorn_handler: Any, signum: int, frame: FrameType | None) -> None:
+        try:
+            os.write(self._wake_w, b"!")  # no lock may be taken in a signal handler: a thread does the work
+        except OSError:
+            pass
+        if callable(uvicorn_handler):
+            uvicorn_handler(signum, frame)
+
+    def _stop_when_woken(self) -> None:
+        try:
+            os.read(self._wake_r, 1)
+        except OSError:
+            return
+        self._before_stop()
 
     def terminate_all(self) -> None:
         self._before_stop()

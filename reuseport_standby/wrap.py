@@ -13,6 +13,7 @@ Role, service and control socket travel in the environment
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import ReuseportStandbyError
+
+log = logging.getLogger(__name__)
 
 OUR_GUNICORN_CONFIG = "python:reuseport_standby.conf"
 HOOKS = ("on_starting", "post_worker_init", "on_exit")
@@ -52,9 +55,39 @@ def _kind(cmd: Sequence[str]) -> tuple[str, int]:
         f"(or 'python -m gunicorn|uvicorn')")
 
 
+# Options that name addresses: under `run` the supervisor owns the addresses (--bind).
+_ADDRESS_OPTIONS = {
+    "uvicorn": ({"--host", "--port", "--uds", "--fd"}, set()),
+    "gunicorn": ({"-b", "--bind"}, {"--reuse-port"}),  # (options with a value, flags)
+}
+
+
+def strip_address_options(kind: str, args: list[str]) -> tuple[list[str], list[str]]:
+    """Drop the server's own address options; return (kept, dropped) for a notice."""
+    with_value, flags = _ADDRESS_OPTIONS[kind]
+    kept, dropped = [], []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        name = a.split("=", 1)[0]
+        if name in with_value and "=" not in a and i + 1 < len(args):
+            dropped += args[i:i + 2]
+            i += 2
+            continue
+        if name in with_value or name in flags or (kind == "gunicorn" and a.startswith("-b") and len(a) > 2 and not a.startswith("--")):
+            dropped.append(a)
+        else:
+            kept.append(a)
+        i += 1
+    return kept, dropped
+
+
 def instance_command(cmd: Sequence[str], workdir: str | None = None) -> list[str]:
     kind, first = _kind(cmd)
-    args = list(cmd[first:])
+    args, dropped = strip_address_options(kind, list(cmd[first:]))
+    if dropped:
+        log.warning("ignoring %s from the %s command: the supervisor serves the --bind addresses",
+                    " ".join(dropped), kind)
     if kind == "uvicorn":
         return [sys.executable, "-m", "reuseport_standby", "uvicorn", *args]
     return gunicorn_command(list(cmd[:first]), args, workdir)
