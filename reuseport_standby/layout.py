@@ -21,13 +21,13 @@ class Role(str, enum.Enum):
     STANDBY = "standby"
 
     @property
-    def index(self) -> int:
+    def number(self) -> int:
         return 0 if self is Role.PRIMARY else 1
 
     @property
     def slot_range(self) -> range:
         """The role's slots while roles are not swapped (see :func:`slot_range`)."""
-        return slot_range(self.index)
+        return slot_range(self.number)
 
     @property
     def other(self) -> "Role":

@@ -404,7 +404,7 @@ class Supervisor:
 
     def _range(self, role: Role) -> range:
         """Physical slots of a role: after a promote, the roles' ranges are swapped."""
-        return slot_range(role.index ^ int(self.swapped))
+        return slot_range(role.number ^ int(self.swapped))
 
     def _check_room(self, role: Role) -> None:
         for st in self.states.values():

@@ -36,8 +36,9 @@ WORKER_ARGS = {
     # connections wait in the queue, as with sync, and a SIGKILL shows what migrates.
     "gthread": ["--workers", "2", "--worker-class", "gthread", "--threads", "2", "--worker-connections", "2"],
     "uvicorn": ["--workers", "2", "--worker-class", "uvicorn_worker.UvicornWorker"],
+    "uvicorn-rs": ["--workers", "2", "--worker-class", "reuseport_standby.gunicorn_workers.UvicornWorker"],
 }
-APP = {"sync": "wsgi_app:app", "gthread": "wsgi_app:app", "uvicorn": "asgi_app:app"}
+APP = {"sync": "wsgi_app:app", "gthread": "wsgi_app:app", "uvicorn": "asgi_app:app", "uvicorn-rs": "asgi_app:app"}
 # Requests a SIGKILLed primary can hold inside its workers (the rest wait in the
 # listener's queue, which migrates): one per sync worker, worker_connections per
 # gthread worker, and for asyncio as many as the clients send.
@@ -160,8 +161,9 @@ def test_master_or_all_workers_killed(supervisor, app_env: dict[str, str]) -> No
     check_faults(report, HELD_BY_WORKERS["sync"])
 
 
-@pytest.mark.parametrize("kind,config_file", [("sync", False), ("gthread", False), ("uvicorn", False), ("sync", True)],
-                         ids=["sync", "gthread", "uvicorn", "sync-config-file"])
+@pytest.mark.parametrize("kind,config_file", [("sync", False), ("gthread", False), ("uvicorn", False),
+                                              ("uvicorn-rs", False), ("sync", True)],
+                         ids=["sync", "gthread", "uvicorn", "uvicorn-ours", "sync-config-file"])
 def test_hup_keeps_listeners_and_stays_active(supervisor, app_env: dict[str, str], short_tmp: Path, kind: str,
                                               config_file: bool) -> None:
     """The instance keeps its listeners and its slots through HUP; the queue waits for the new workers.
@@ -207,7 +209,7 @@ def test_hup_keeps_listeners_and_stays_active(supervisor, app_env: dict[str, str
     print(f"\n{kind}, {config}, 2 HUPs: {result.summary()}")
     if config_file:
         assert "valid Python extension" in primary.log(), "gunicorn did not read the config file"
-    if kind == "uvicorn":
+    if kind == "uvicorn":  # stock UvicornWorker: the upstream shutdown race above
         assert set(result.failures) <= {"reset"} and result.failed <= 2 * CONCURRENCY, result.summary()
     else:
         assert result.failed == 0, result.summary()

@@ -106,7 +106,7 @@ def test_layout_matches_c_header() -> None:
     assert int(defs["RS_NR_COUNTERS"]) == layout.NR_COUNTERS
     for c in layout.Counter:
         assert int(defs[f"RS_CNT_{c.name}"]) == c.value, c
-    assert int(defs["RS_ROLE_PRIMARY"]) == Role.PRIMARY.index and int(defs["RS_ROLE_STANDBY"]) == Role.STANDBY.index
+    assert int(defs["RS_ROLE_PRIMARY"]) == Role.PRIMARY.number and int(defs["RS_ROLE_STANDBY"]) == Role.STANDBY.number
     fields = re.search(r"struct rs_config \{(.*?)\};", header, re.S).group(1)
     names = re.findall(r"__u(?:32|64) (\w+)(?:\[(\w+)\])?;", fields)
     assert [n for n, _ in names] == ["span", "standby_weight", "layout_version", "disabled", "flags", "reserved"]
