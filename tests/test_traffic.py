@@ -134,8 +134,15 @@ def test_hung_primary_is_demoted_and_its_queue_handed_over(supervisor, policy: s
         load.stop()
     res = load.result
     print(f"\n{policy}: {res.summary()}")
-    assert res.failed == 0, res.failures
-    assert res.max_latency <= stall + 1.5, "queued requests waited at most about the stall timeout"
+    # The echo instance handles one connection at a time: the one it was inside
+    # when frozen cannot be saved (it waits for SIGCONT, or dies with the kill).
+    # Every request sent after the freeze must succeed within the stall timeout.
+    sent = [(t - lat, t, k) for (t, k, _), lat in zip(res.events, res.latencies)]
+    in_flight = [x for x in sent if x[0] < t_stop and (x[2] != "ok" or x[1] - x[0] > stall + 1.5)]
+    after = [x for x in sent if x[0] >= t_stop]
+    assert len(in_flight) <= 1, in_flight
+    assert all(k == "ok" for _, _, k in after), Counter(k for _, _, k in after)
+    assert max(t1 - t0 for t0, t1, _ in after) <= stall + 1.5, "queued requests waited at most about the stall timeout"
     late = [w for t, k, w in res.events if t_stop + stall + 1 < t < t_check]
     assert late and set(late) == {"standby"}
     if policy == "demote":
