@@ -74,10 +74,25 @@ static __always_inline void count(__u32 idx)
 
 /* Try the live slots of one slot range, starting at a hash-chosen slot and probing
  * forward past the ones the kernel emptied when their socket closed.
- * Returns 0 when a socket was selected.  The loop is bounded for the
- * verifier (kernels without bpf_loop, e.g. 5.14/5.15, must load it). */
-static __always_inline int select_role(struct sk_reuseport_md *md, __u32 range,
-				       __u32 span, __u32 hash, __u64 disabled, __u32 *slot)
+ * Returns the selected slot, or -1.  The loop is bounded for the
+ * verifier (kernels without bpf_loop, e.g. 5.14/5.15, must load it).
+ *
+ * With libbpf this is a global function, which the verifier checks once,
+ * on its own.  Inlined twice into the program, the loop had to be verified
+ * in every state the first call left behind; a loader holding CAP_BPF
+ * without CAP_PERFMON also gets the Spectre v1 checks, which simulate the
+ * mispredicted side of every decided branch (each loop test), and that
+ * product exceeded the verifier's limit ("The sequence of 8193 jumps is
+ * too complex"): the supervisor could not start with CAP_BPF and
+ * CAP_NET_ADMIN alone.  As a global function: 1,682 instructions verified
+ * (5,795 inlined), 1,812 under the Spectre checks.  BCC makes every
+ * non-static function a program of its own, so it keeps the inlined form. */
+#ifdef RS_BCC
+static __always_inline
+#else
+__attribute__((noinline))
+#endif
+int rs_select_range(struct sk_reuseport_md *md, __u32 range, __u32 span, __u32 hash, __u64 disabled)
 {
 	__u32 base = range * RS_SLOTS_PER_ROLE;
 	__u32 start, i, key;
@@ -105,10 +120,8 @@ static __always_inline int select_role(struct sk_reuseport_md *md, __u32 range,
 		 * the span.  Counting errors here would triple the verifier's
 		 * work for a case user space already rules out (one map per
 		 * group, so no foreign sockets). */
-		if (err == 0) {
-			*slot = key;
-			return 0;
-		}
+		if (err == 0)
+			return key;
 	}
 	return -1;
 }
@@ -119,7 +132,7 @@ int rs_select_or_migrate(struct sk_reuseport_md *md)
 	__u32 zero = 0, first, second, swap, key, slot = 0;
 	__u64 *hits;
 	struct rs_config *cfg;
-	int migrating;
+	int migrating, found;
 	__u32 hash = md->hash;
 
 	if (md->ip_protocol != IPPROTO_TCP)
@@ -140,11 +153,15 @@ int rs_select_or_migrate(struct sk_reuseport_md *md)
 	/* After a promote, the standby instance sits in the primary range and
 	 * the other way round: roles are logical, ranges physical. */
 	swap = cfg->flags & RS_FLAG_SWAP_ROLES ? 1 : 0;
-	if (select_role(md, first ^ swap, cfg->span[first ^ swap], hash, cfg->disabled, &slot) == 0) {
+	found = rs_select_range(md, first ^ swap, cfg->span[first ^ swap], hash, cfg->disabled);
+	if (found >= 0) {
+		slot = found;
 		key = first;
 		goto selected;
 	}
-	if (select_role(md, second ^ swap, cfg->span[second ^ swap], hash, cfg->disabled, &slot) == 0) {
+	found = rs_select_range(md, second ^ swap, cfg->span[second ^ swap], hash, cfg->disabled);
+	if (found >= 0) {
+		slot = found;
 		key = second;
 		goto selected;
 	}

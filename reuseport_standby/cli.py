@@ -66,6 +66,21 @@ def build_parser() -> argparse.ArgumentParser:
     common(st)
     st.add_argument("--json", action="store_true", help="machine-readable output")
 
+    ck = sub.add_parser("check", help="exit 0 when the service (or one instance) serves: for systemd ExecStartPost and "
+                                      "Kubernetes probes",
+                        description="Ask the supervisor whether the service serves (some instance is active) or, with "
+                                    "--pid/--pidfile, whether that instance is active. Exit 0 if so, 1 if not (the "
+                                    "reason on stderr), 3 if no supervisor answers.")
+    common(ck)
+    who = ck.add_mutually_exclusive_group()
+    who.add_argument("--pid", type=int, default=None, help="the instance's main process (e.g. systemd's $MAINPID)")
+    who.add_argument("--pidfile", default=None, help="read the pid from this file (e.g. gunicorn --pid FILE)")
+    ck.add_argument("--alive", action="store_true",
+                    help="for liveness: pass while the instance is starting, drained or stopping too, and when no "
+                         "supervisor answers; fail only when the supervisor demoted it as hung, or does not know it")
+    ck.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                    help="keep asking until it passes or SECONDS have passed (default: ask once)")
+
     rn = sub.add_parser("run", help="run a supervisor, a primary and a standby of a server command",
                         description="Run CMD (a gunicorn or uvicorn command line) as a primary and a standby "
                                     "sharing the --bind addresses, with zero-downtime restarts.")
@@ -75,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--group", default=None, help="group allowed on the control socket")
     rn.add_argument("--ready-timeout", type=float, default=60.0, help="seconds a new instance has to become ready (default 60)")
     rn.add_argument("--stop-timeout", type=float, default=30.0, help="seconds an instance has to drain before SIGKILL (default 30)")
+    rn.add_argument("--scope", choices=("instance", "worker"), default=None,
+                    help="instance (default): an instance's workers share its listeners; worker: every worker gets "
+                         "listeners of its own (sets REUSEPORT_STANDBY_SCOPE for the instances)")
     rn.add_argument("--no-migrate", action="store_true", help=argparse.SUPPRESS)
     rn.add_argument("--stall-timeout", type=float, default=None, help="passed to the supervisor (see supervise --help)")
     rn.add_argument("--on-hang", choices=("demote", "term", "kill"), default=None, help="passed to the supervisor")
@@ -114,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = logging.WARNING if args.verbose == 0 and args.command == "status" else (
+    level = logging.WARNING if args.verbose == 0 and args.command in ("status", "check") else (
         logging.DEBUG if args.verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
@@ -156,12 +174,68 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK if st.get("source") == "supervisor" else EXIT_NOT_RUNNING
 
 
+ALIVE_STATES = ("pending", "active", "drained", "draining")
+
+
+def check_status(st: dict, pid: int | None, alive: bool = False) -> str | None:
+    """Why ``check`` fails on this status (None: it passes)."""
+    instances = st.get("instances", [])
+    if pid is None:
+        for a in st["addresses"]:
+            if not any(not s["disabled"] for s in a["slots"]):  # a live, enabled instance slot
+                return f"no active instance serves {a['address']}"
+        return None
+    mine = [i for i in instances if i["pid"] == pid]
+    if not mine:
+        return f"the supervisor knows no instance with pid {pid}"
+    states = sorted({i["state"] for i in mine})
+    ok = ALIVE_STATES if alive else ("active",)
+    if any(s in ok for s in states):
+        return None
+    demoted = [i["demoted_for"] for i in mine if i.get("demoted_for")]
+    return f"instance pid {pid} is {', '.join(states)}" + (f" ({demoted[0]})" if demoted else "")
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    import time
+
+    from . import client
+
+    deadline = time.monotonic() + max(0.0, args.wait)
+    while True:
+        code, problem = EXIT_OK, None
+        pid = args.pid
+        if args.pidfile:
+            try:
+                pid = int(Path(args.pidfile).read_text().split()[0])
+            except (OSError, ValueError, IndexError) as exc:
+                code, problem = EXIT_ERROR, f"cannot read a pid from {args.pidfile}: {exc}"
+        if problem is None:
+            try:
+                st = client.query(args.service, "status", args.control)["status"]
+            except SupervisorUnavailable as exc:
+                if args.alive:  # no supervisor is no sign of a hung instance: never restart instances for it
+                    print(f"reuseport-standby: {exc} (--alive passes)", file=sys.stderr)
+                    return EXIT_OK
+                code, problem = EXIT_NOT_RUNNING, str(exc)
+            else:
+                problem = check_status(st, pid, args.alive)
+                code = EXIT_ERROR if problem else EXIT_OK
+        if problem is None or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    if problem:
+        print(f"reuseport-standby: {problem}", file=sys.stderr)
+    return code
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .runner import RunConfig, main_args, run
 
     cfg = RunConfig(service=args.service, binds=args.bind, command=main_args(args.cmd), control=args.control,
                     backlog=args.backlog, group=args.group, pin_root=args.pin_root if args.pin_root != DEFAULT_PIN_ROOT else None,
                     ready_timeout=args.ready_timeout, stop_timeout=args.stop_timeout, no_migrate=args.no_migrate,
+                    extra_env={"REUSEPORT_STANDBY_SCOPE": args.scope} if args.scope else {},
                     supervisor_args=[*(["--stall-timeout", str(args.stall_timeout)] if args.stall_timeout is not None else []),
                                      *(["--on-hang", args.on_hang] if args.on_hang else []),
                                      *(["--metrics", str(args.metrics)] if args.metrics else []),
@@ -206,7 +280,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo(args.duration, args.server, args.baseline, args.concurrency, args.out)
 
 
-COMMANDS = {"supervise": cmd_supervise, "status": cmd_status, "run": cmd_run, "reload": cmd_reload, "demo": cmd_demo,
+COMMANDS = {"supervise": cmd_supervise, "status": cmd_status, "check": cmd_check, "run": cmd_run, "reload": cmd_reload, "demo": cmd_demo,
             "weight": cmd_admin, "promote": cmd_admin, "drain": cmd_admin, "undrain": cmd_admin,
             "uvicorn": uvicorn_cli.command}
 
