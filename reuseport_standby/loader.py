@@ -409,8 +409,8 @@ def _load_error(err: int, obj_path: str, pin_dir: Path, verifier_log: str) -> Ex
     if err == errno.EPERM:
         return PermissionProblem(
             "the kernel refused to load the BPF program (EPERM): the supervisor needs CAP_BPF and "
-            "CAP_NET_ADMIN (run it as root, or give its systemd unit AmbientCapabilities=CAP_BPF "
-            "CAP_NET_ADMIN), and the locked-memory limit may need raising (LimitMEMLOCK=infinity) on "
+            "nothing more (run it as root, or give its systemd unit AmbientCapabilities=CAP_BPF), "
+            "and the locked-memory limit may need raising (LimitMEMLOCK=infinity) on "
             "kernels before 5.11")
     if err == errno.EACCES and verifier_log:
         return BpfUnavailable(f"the verifier rejected {obj_path}:\n{verifier_log[-4000:]}")

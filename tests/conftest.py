@@ -19,7 +19,7 @@ TEST_PIN_BASE = Path("/sys/fs/bpf/reuseport_standby_test")
 def kernel_problem() -> str | None:
     """Why the BPF program cannot run here, or None when it can."""
     if os.geteuid() != 0:
-        return "kernel tests need root (CAP_BPF, CAP_NET_ADMIN, bpffs write access)"
+        return "kernel tests need root (CAP_BPF, bpffs write access)"
     try:
         from reuseport_standby.loader import Group
 

@@ -3,7 +3,7 @@
 - The unit files pass ``systemd-analyze verify`` (with their binaries
   pointed at this checkout's virtualenv), the manifests a Kubernetes schema
   validator, the Containerfile hadolint.
-- The supervisor runs as root with nothing but CAP_BPF, CAP_NET_ADMIN and
+- The supervisor runs as root with nothing but CAP_BPF and
   CAP_NET_BIND_SERVICE (bounding set, NoNewPrivileges, as the systemd unit
   gives it), the instances as ``nobody``, and restarts under load lose
   nothing.
@@ -53,7 +53,7 @@ ECHO = REPO / "tests" / "apps" / "echo_instance.py"
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 VENV_BIN = Path(sys.executable).parent
 
-THREE_CAPS = ("bpf", "net_admin", "net_bind_service")
+UNIT_CAPS = ("bpf", "net_bind_service")  # what the shipped unit grants
 CAP_BITS = {"kill": 5, "net_bind_service": 10, "net_admin": 12, "sys_ptrace": 19, "bpf": 39}
 NOBODY = pwd.getpwnam("nobody").pw_uid
 NOGROUP = grp.getgrnam("nogroup").gr_gid
@@ -91,9 +91,9 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     assert r.returncode == 0 and r.stdout + r.stderr == "", r.stdout + r.stderr
 
 
-def test_supervisor_unit_grants_exactly_three_capabilities() -> None:
+def test_supervisor_unit_grants_exactly_the_needed_capabilities() -> None:
     unit = parse_unit(SYSTEMD / "reuseport-standby@.service")
-    caps = "CAP_BPF CAP_NET_ADMIN CAP_NET_BIND_SERVICE"
+    caps = "CAP_BPF CAP_NET_BIND_SERVICE"
     assert values(unit, "Service", "CapabilityBoundingSet") == [caps]
     assert values(unit, "Service", "AmbientCapabilities") == [caps]
     assert values(unit, "Service", "NoNewPrivileges") == ["yes"]
@@ -133,7 +133,7 @@ def test_kubernetes_manifests_validate() -> None:
     assert sup["restartPolicy"] == "Always", "a native sidecar: starts first, stops last"
     sc = sup["securityContext"]
     assert sc["capabilities"]["drop"] == ["ALL"]
-    assert set(sc["capabilities"]["add"]) <= {"BPF", "NET_ADMIN", "NET_BIND_SERVICE"}
+    assert set(sc["capabilities"]["add"]) <= {"BPF", "NET_BIND_SERVICE"}
     assert sc["allowPrivilegeEscalation"] is False and "privileged" not in sc
     assert [c["name"] for c in spec["containers"]] == ["primary", "standby"]
     for c in spec["containers"]:
@@ -198,13 +198,13 @@ def as_nobody(*cmd: str) -> list[str]:
     return ["setpriv", "--reuid", str(NOBODY), "--regid", str(NOGROUP), "--init-groups", "--", *cmd]
 
 
-# -- the supervisor with three capabilities ------------------------------------------------------
+# -- the supervisor with only the unit's capabilities ------------------------------------------------------
 
 @dataclass
 class CappedSupervisor(SupervisorProc):
     """``supervise`` as root with only ``caps`` (bounding, effective, ambient) and NoNewPrivileges, like the unit."""
 
-    caps: tuple[str, ...] = THREE_CAPS
+    caps: tuple[str, ...] = UNIT_CAPS
     groups: tuple[int, ...] = (NOGROUP,)
     wrapper: tuple[str, ...] = ()
 
@@ -234,7 +234,7 @@ class CappedSupervisor(SupervisorProc):
 def capped(pin_root: Path, short_tmp: Path):
     started: list[CappedSupervisor] = []
 
-    def start(*, caps: tuple[str, ...] = THREE_CAPS, extra: list[str] | None = None, group: bool = True,
+    def start(*, caps: tuple[str, ...] = UNIT_CAPS, extra: list[str] | None = None, group: bool = True,
               wrapper: tuple[str, ...] = ()) -> CappedSupervisor:
         service = f"t{uuid.uuid4().hex[:10]}"
         sup = CappedSupervisor(service=service, binds=[f"127.0.0.1:{free_port()}"], control=str(short_tmp / f"{service}.sock"),
@@ -263,7 +263,7 @@ def test_least_privilege_supervisor_and_nobody_instances_fail_over_under_load(ca
     st = proc_status(sup.proc.pid)
     assert st["Uid"].split()[0] == "0"
     for key in ("CapEff", "CapPrm", "CapBnd", "CapAmb"):
-        assert int(st[key], 16) == cap_mask(THREE_CAPS), (key, st[key])
+        assert int(st[key], 16) == cap_mask(UNIT_CAPS), (key, st[key])
     assert st["NoNewPrivs"] == "1"
     standby = echo(sup, "standby", deploy_venv).start().wait_active()
     primary = echo(sup, "primary", deploy_venv).start().wait_active()
@@ -271,7 +271,7 @@ def test_least_privilege_supervisor_and_nobody_instances_fail_over_under_load(ca
     host, port = host_port(sup)
     report = restart_traced(lambda: echo(sup, "primary", deploy_venv), primary, host=host, port=port,
                             schedule=("term", "kill") * 3, concurrency=8, max_seconds=90)
-    print(f"\nthree capabilities, instances as nobody: {report}")
+    print(f"\nunit capabilities, instances as nobody: {report}")
     assert report.load.ok > 500 and len(report.steps) == 6
     assert report.failures_of(None) == []
     for step in report.steps:
@@ -466,18 +466,18 @@ def test_group_member_in_another_pid_namespace_is_served(capped, deploy_venv: Pa
     assert member.stdout.startswith("ACCEPTED"), member.stdout + member.stderr
 
 
-@pytest.mark.parametrize("extra_caps", [(), ("sys_ptrace", "kill")], ids=["three-caps", "plus-ptrace-kill"])
+@pytest.mark.parametrize("extra_caps", [(), ("sys_ptrace", "kill")], ids=["unit-caps", "plus-ptrace-kill"])
 def test_hung_instance_handling_by_privilege(capped, deploy_venv: Path, extra_caps: tuple[str, ...]) -> None:
     """What CAP_SYS_PTRACE and CAP_KILL add for an instance of another uid (--on-hang kill).
 
-    With the three capabilities the hung primary is still demoted (no new
+    With the unit's capabilities the hung primary is still demoted (no new
     connection reaches it, nothing fails), but its queue cannot be handed
     over (/proc/PID/fd and pidfd_getfd need ptrace access) and it cannot
     be killed (another uid): what sat in its queue waits until it resumes.
     With both added, its queue moves to the standby at once and it is
     killed."""
     stall = 1.0
-    sup = capped(caps=THREE_CAPS + extra_caps, extra=["--stall-timeout", str(stall), "--on-hang", "kill"])
+    sup = capped(caps=UNIT_CAPS + extra_caps, extra=["--stall-timeout", str(stall), "--on-hang", "kill"])
     standby = echo(sup, "standby", deploy_venv).start().wait_active()
     primary = echo(sup, "primary", deploy_venv).start().wait_active()
     host, port = host_port(sup)
@@ -492,7 +492,7 @@ def test_hung_instance_handling_by_privilege(capped, deploy_venv: Path, extra_ca
         time.sleep(0.5)
         load.stop()
     res = load.result
-    print(f"\n{'+'.join(THREE_CAPS + extra_caps)}: {res.summary()}")
+    print(f"\n{'+'.join(UNIT_CAPS + extra_caps)}: {res.summary()}")
     # Only the request the echo instance was inside of when it froze can be lost (when it is killed).
     assert all(sent < t_stop for sent, _, _ in res.failure_events), res.failure_events
     assert res.failed <= (1 if extra_caps else 0), res.failures
@@ -576,8 +576,8 @@ def test_systemd_path_from_the_docs(systemd_host) -> None:
         shutil.copy(f, h.srv / f.name)
     sup = h.supervisor().start()
     st = proc_status(sup.proc.pid)
-    assert st["Uid"].split()[0] == "0" and int(st["CapEff"], 16) == cap_mask(THREE_CAPS)
-    assert int(st["CapBnd"], 16) == cap_mask(THREE_CAPS) and st["NoNewPrivs"] == "1"
+    assert st["Uid"].split()[0] == "0" and int(st["CapEff"], 16) == cap_mask(UNIT_CAPS)
+    assert int(st["CapBnd"], 16) == cap_mask(UNIT_CAPS) and st["NoNewPrivs"] == "1"
     assert str(NOGROUP) in st["Groups"].split(), "SupplementaryGroups=%i"
     standby = h.app("standby").start()   # returns once ExecStartPost's `check` sees it active
     primary = h.app("primary").start()
