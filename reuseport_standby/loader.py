@@ -195,7 +195,12 @@ class Group:
     def share_read_only(self, gid: int) -> None:
         """Let members of ``gid`` read the pins (status, metrics) without CAP_BPF; writes stay root's."""
         for path in [self.pin_dir.parent, self.pin_dir, *self.pin_dir.iterdir()]:
-            os.chown(path, -1, gid)
+            try:
+                os.chown(path, -1, gid)
+            except PermissionError:
+                raise PermissionProblem(
+                    f"cannot give the pins at {path} to gid {gid}: without CAP_CHOWN the supervisor can only hand "
+                    f"files to a group it belongs to (systemd: SupplementaryGroups=; Kubernetes: fsGroup)") from None
             os.chmod(path, 0o750 if path.is_dir() else 0o640)
 
     def _check_layout(self) -> None:
