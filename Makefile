@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: host venv test demo bpf bpf-check bench clean
+.PHONY: host venv test demo bpf bpf-check bench bench-restarts clean
 
 host:
 	@bash scripts/setup-host.sh
@@ -32,6 +32,11 @@ bpf-check:
 
 bench: host venv
 	$(PY) bench/loader.py --bcc
+
+# Restarts under load against the alternatives (about 6 minutes; writes bench/results/restarts-*.{json,md,png}).
+# More: BENCH_ARGS="--server uvicorn"; bench/restarts.py --help.
+bench-restarts: host venv
+	$(PY) bench/restarts.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -11,9 +11,9 @@ milliseconds (default 2), so that a worker always holds a request in
 flight, as a real app does.  After a run, a failed request whose id is in
 some file reached the app and was lost inside a worker (killed while
 working on it); one whose id is in no file never reached the app: it was
-lost at the connection level (refused, or reset in a listener's queue).
-bench/recording.py records the same ids earlier, when a worker has read
-the request, which closes the gap between ``accept()`` and the app.
+lost at the connection level (refused, or reset in a listener's queue) --
+unless a worker had accepted its connection and died before calling the
+app, which bench/recording.py records.
 """
 
 from __future__ import annotations
@@ -64,12 +64,11 @@ async def asgi_app(scope: dict[str, Any], receive: Callable[[], Awaitable[dict[s
     await demo_app.asgi_app(scope, receive, send)
 
 
-def read_ids(directory: str, suffix: str = ".ids") -> set[int]:
-    """Every id recorded in ``directory`` by any process: by the app (``.ids``), or at read time
-    by bench/recording.py (``.read``)."""
+def read_ids(directory: str) -> set[int]:
+    """Every id the app recorded in ``directory`` (all processes)."""
     seen: set[int] = set()
     for name in os.listdir(directory):
-        if name.endswith(suffix):
+        if name.endswith(".ids"):
             with open(os.path.join(directory, name), "rb") as f:
                 for line in f.read().split(b"\n"):
                     if line.strip().isdigit():

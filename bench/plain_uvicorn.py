@@ -5,7 +5,7 @@ it to uvicorn the way ``uvicorn.run`` does with ``--workers``: one socket,
 shared by the worker processes.  Two of these on one port form a kernel
 reuseport group, which spreads new connections by a hash.
 
-    python bench/plain_uvicorn.py HOST PORT APP [--workers N] [--backlog N] [--timeout-graceful-shutdown S] [--http PROTOCOL]
+    python bench/plain_uvicorn.py HOST PORT APP [--workers N] [--backlog N] [--timeout-graceful-shutdown S] [--loop LOOP]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--backlog", type=int, default=2048)
     ap.add_argument("--timeout-graceful-shutdown", type=int, default=10)
-    ap.add_argument("--http", default="auto", help="uvicorn's HTTP protocol (name or import string)")
+    ap.add_argument("--loop", default="auto", help="uvicorn's event loop (name or import string of a factory)")
     args = ap.parse_args()
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -34,7 +34,7 @@ def main() -> int:
     sock.listen(args.backlog)
     sock.set_inheritable(True)
     config = uvicorn.Config(args.app, workers=args.workers, backlog=args.backlog, log_level="warning",
-                            access_log=False, http=args.http, timeout_graceful_shutdown=args.timeout_graceful_shutdown)
+                            access_log=False, loop=args.loop, timeout_graceful_shutdown=args.timeout_graceful_shutdown)
     if config.workers > 1:
         Multiprocess(config, sockets=[sock]).run()
     else:

@@ -60,9 +60,11 @@ def kernel_table(results: dict[str, Any]) -> str:
                 f"fell back {pc.get('fell_back', 0) + pc.get('migrate_fell_back', 0)}") if pc else "—"
         rows.append([key, variant, n.get("TcpExtListenDrops", 0), n.get("TcpExtListenOverflows", 0),
                      n.get("TcpExtTCPMigrateReqSuccess", 0), n.get("TcpExtTCPMigrateReqFailure", 0),
-                     n.get("TcpExtTCPAbortOnClose", 0), n.get("TcpOutRsts", 0), prog])
+                     n.get("TcpOutRsts", 0), n.get("TcpExtTCPAbortOnClose", 0),
+                     n.get("TcpOutRsts", 0) - n.get("TcpExtTCPAbortOnClose", 0), prog])
     return _table(["contender", "load", "ListenDrops", "ListenOverflows", "TCPMigrateReqSuccess",
-                   "TCPMigrateReqFailure", "TCPAbortOnClose", "OutRsts", "program counters"], rows)
+                   "TCPMigrateReqFailure", "OutRsts", "of which TCPAbortOnClose", "other RSTs",
+                   "program counters"], rows)
 
 
 def per_restart_table(results: dict[str, Any]) -> str:
@@ -90,7 +92,10 @@ def markdown(results: dict[str, Any]) -> str:
            f"{m['started']}; kernel {m['kernel']}, {m['cpus']} CPUs (shared; load average before "
            f"{m['loadavg_before'][0]:.1f}, after {m.get('loadavg_after', [0])[0]:.1f}); Python {m['python']}, "
            + ", ".join(f"{k} {x}" for k, x in v.items()) + f"; run took {m.get('duration_s', 0):.0f} s"
-           + ("; in a private network namespace" if m.get("netns") else "") + ".\n",
+           + ("; in a private network namespace" if m.get("netns") else "") + "."
+           + (f" Code: commit {m['source']['commit']}" + (f" with {len(m['source']['modified'])} modified files ("
+              + ", ".join(m['source']['modified']) + ")" if m['source']['modified'] else "") + "."
+              if m.get("source", {}).get("commit") else "") + "\n",
            f"App: the bundled demo app behind bench/app.py ({m['app_sleep_ms']:g} ms of work per request), "
            f"{m['workers']} workers per instance. Load: {m['concurrency']} client threads, timeout "
            f"{m['timeout_s']:g} s. Restarts: primary SIGTERM and SIGKILL (whole process group) alternately "
@@ -98,6 +103,8 @@ def markdown(results: dict[str, Any]) -> str:
            f"serves, whichever is later.\n"]
     if m.get("interrupted"):
         out.append("**Interrupted: partial results.**\n")
+    if m.get("skipped"):
+        out.append(f"**Skipped (past --max-minutes): {', '.join(m['skipped'])}.**\n")
     for key, entry in results["contenders"].items():
         if entry.get("error"):
             out.append(f"**{key}: {entry['error']}**\n")
@@ -107,30 +114,47 @@ def markdown(results: dict[str, Any]) -> str:
     out += ["## Failures\n",
             "*Lost at connection level*: a request on a new connection that no worker ever accepted (refused, "
             "or reset in a listener's queue or handshake): what reuseport-standby exists to bring to 0. "
-            "*Closed between keep-alive requests*: a request sent on a keep-alive connection that had already carried "
-            "requests, which the server side closed or lost before reading it (the client checks the connection "
-            "before reusing it, as urllib3 does; what is left is the race with a close in flight, which HTTP "
-            "clients retry). *Lost inside workers*: a worker had accepted the connection and the request "
-            "(its id was recorded right then, bench/recording.py) and died or dropped it before answering; in "
-            "brackets, how many the app itself had been called with. *Never reached the app*: what the app's "
-            "own record alone would count as not delivered.\n",
+            "*Closed between keep-alive requests*: a request sent on a keep-alive connection that had already "
+            "carried requests, which the server side closed or lost with the request unread (the client checks a "
+            "connection before reusing it, as urllib3 does; what is left is the race with a close in flight, which "
+            "HTTP clients retry). *Lost inside workers*: a worker had accepted the connection (bench/recording.py "
+            "logs the client port and time of every accept) and died or dropped it before answering; in brackets, "
+            "how many had reached the app. *Never reached the app*: what the app's own record of request ids "
+            "alone would count as not delivered.\n",
             failures_table(results),
             "\n## Latency (answered requests), throughput, who answered\n", latency_table(results),
             "\n## Per restart\n", per_restart_table(results),
-            "\n## Kernel counters (nstat deltas over each load)\n", kernel_table(results)]
+            "\n## Kernel counters (nstat deltas over each load)\n",
+            "In the benchmark's own network namespace, so nothing else counts. *TCPAbortOnClose*: RSTs sent "
+            "because a process closed (or died with) an accepted connection whose request it had not read. "
+            "*Other RSTs* (OutRsts minus those): mostly connections reset in a closing listener's accept queue "
+            "or handshake, and refused connections.\n",
+            kernel_table(results)]
     ov = results.get("overhead")
     if ov and not ov.get("error"):
+        al, si = ov["alternating"], ov["simultaneous"]
+
+        def ratio(o: dict[str, Any], key: str = "ratio") -> str:
+            if o.get(f"{key}_median") is None:
+                return "—"
+            return f"**{o[key + '_median']:.3f}** ({o[key + '_q1']:.2f}–{o[key + '_q3']:.2f})"
+
         out += ["\n## Steady state (no restarts)\n",
-                f"{ov['app']} with no extra work; {len(ov['rounds']) // 2} alternating rounds per side, "
-                f"reuseport-standby (supervisor, primary, idle standby) against {ov['plain']} without it.\n",
-                _table(["", "reuseport-standby", ov["plain"], "ratio"], [
-                    ["throughput, mean of rounds", f"{ov['reuseport_standby_rps_mean']:.0f} req/s",
-                     f"{ov['plain_rps_mean']:.0f} req/s",
-                     f"**{ov['ratio_of_means']:.3f}** (rounds {ov['ratio_min']:.2f}–{ov['ratio_max']:.2f}, "
-                     f"median {ov['ratio_median_of_rounds']:.3f})"],
-                    ["server CPU per request", f"{ov['reuseport_standby_cpu_ms_per_request']:.3f} ms",
-                     f"{ov['plain_cpu_ms_per_request']:.3f} ms",
-                     f"**{ov.get('cpu_efficiency_ratio', float('nan')):.3f}** (plain / ours)"],
+                f"{ov['app']} with no extra work; reuseport-standby (supervisor, primary, idle standby) against "
+                f"{ov['plain']} without it; {al['rounds']} rounds of {ov['seconds_per_round']:g} s. *Alternating*: "
+                f"the whole load against one, then the other (order flipped every round). *Simultaneous*: half the "
+                f"load against each at once, so both see the same contention from the rest of the machine. Ratios "
+                f"are ours / plain per round: median (interquartile range). CPU: time on CPU of every process of each side "
+                f"(ours: supervisor, primary and standby with their workers), from schedstat.\n",
+                _table(["", "alternating", "simultaneous"], [
+                    ["reuseport-standby, req/s (mean)", f"{al['reuseport_standby_rps_mean']:.0f}",
+                     f"{si['reuseport_standby_rps_mean']:.0f}"],
+                    [f"{ov['plain']}, req/s (mean)", f"{al['plain_rps_mean']:.0f}", f"{si['plain_rps_mean']:.0f}"],
+                    ["throughput ratio", ratio(al), ratio(si)],
+                    ["server CPU per request, ours / plain",
+                     f"{al['reuseport_standby_cpu_ms_per_request']:.3f} / {al['plain_cpu_ms_per_request']:.3f} ms",
+                     f"{si['reuseport_standby_cpu_ms_per_request']:.3f} / {si['plain_cpu_ms_per_request']:.3f} ms"],
+                    ["CPU ratio (plain / ours per request)", ratio(al, "cpu_ratio"), ratio(si, "cpu_ratio")],
                 ]),
                 f"\nTarget: ≥ {ov['target']}.\n"]
     elif ov:
@@ -159,6 +183,7 @@ def chart(results: dict[str, Any], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     m = results["meta"]
     keys = [k for k, e in results["contenders"].items() if e.get("variants")]
@@ -172,7 +197,7 @@ def chart(results: dict[str, Any], path: Path) -> Path:
     labels, conn_new, conn_reused, in_worker = [], [], [], []
     for k in keys:
         for variant, r in results["contenders"][k]["variants"].items():
-            labels.append(f"{k}\n{variant} ({r['restarts']} restarts)")
+            labels.append(f"{k}\n{'new conn.' if variant == 'new-connection' else variant}\n{r['restarts']} restarts")
             conn_new.append(r["lost_connection_level"])
             conn_reused.append(r["failed_on_reused_keepalive"])
             in_worker.append(r["lost_in_worker"])
@@ -213,12 +238,15 @@ def chart(results: dict[str, Any], path: Path) -> Path:
         axl.plot(t, [x if x is not None else float("nan") for x in tl["p99_ms"]], color="#9467bd", linewidth=0.8,
                  label="p99 latency")
         axl.set_yscale("log")
-        axl.set_ylabel("ms", fontsize=8)
+        axl.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=5))
+        axl.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        axl.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        axl.set_ylabel("latency, ms", fontsize=8)
         for s in r["steps"]:
             axt.axvline(s["at"], color="#444", linestyle="--" if s["kind"] == "term" else ":" if s["kind"] == "hup"
                         else "-", linewidth=0.7)
         axt.set_title(f"{k}: {r['lost_connection_level']} lost at connection level, {r['lost_in_worker']} inside "
-                      f"killed workers, {r['throughput_rps']:.0f} req/s, max {r['latency_ms']['max']:.0f} ms "
+                      f"workers, {r['throughput_rps']:.0f} req/s, max {r['latency_ms']['max']:.0f} ms "
                       f"(restarts: -- SIGTERM, — SIGKILL, ··· SIGHUP)", fontsize=8)
         if i == 0:
             h1, l1 = axt.get_legend_handles_labels()

@@ -5,7 +5,7 @@ Run as root (the supervisor loads a BPF program):
     .venv/bin/python bench/restarts.py [--server gunicorn|uvicorn] [options]
 
 Contenders, all serving the same app (``bench/app.py``: the bundled demo app,
-which records every request id it receives and works 2 ms per request) with
+recording every request id it receives and working 2 ms per request) with
 2 workers per instance:
 
   reuseport-standby  supervisor (SELECT_OR_MIGRATE) + primary + standby, with the integration
@@ -16,19 +16,24 @@ which records every request id it receives and works 2 ms per request) with
                      reload; uvicorn ``--workers``' SIGHUP worker restart)
 
 Each gets the same load (``reuseport_standby.loadgen.Load``: threads, a new
-connection per request, then a keep-alive variant) and the same restart
+connection per request; then a keep-alive variant) and the same restart
 schedule: the primary is sent SIGTERM (master only) and SIGKILL (its whole
 process group) alternately, every ``--period`` seconds (``single-hup``: SIGHUP),
 and replaced by a new primary; the next restart waits until the new primary
-serves.  Every request carries a unique id, so a failed request is either
-"lost inside a worker" (the app recorded its id: it was being worked on when
-the worker died) or "lost at the connection level" (the app never saw it:
-refused, or reset in a listener's queue).
+serves.  Every request carries a unique id, which the workers record as soon
+as they hold the request (bench/recording.py: right after ``accept()``) and
+the app when it is called, so a failed request is either "lost inside a
+worker" (a worker held it, then died or dropped it), "lost at the connection
+level" (no worker ever held it: refused, or reset in a listener's queue), or,
+on a keep-alive connection that had carried requests before, "closed between
+keep-alive requests" (the server closed or lost the connection with the
+request unread).
 
-Then: the steady-state throughput of reuseport-standby against a single plain
-server without it (alternating short rounds), and the BPF program's run time
-per invocation (``bpf_enable_stats``: under the benchmark's load, and
-bench/loader.py's synthetic cases).
+Then: the steady-state throughput and CPU per request of reuseport-standby
+against a single plain server without it (alternating and simultaneous short
+rounds), and the BPF program's run time per invocation
+(``bpf_enable_stats``: under the benchmark's load, and bench/loader.py's
+synthetic cases).
 
 Writes ``OUT/restarts-SERVER.json``, ``.md`` and ``.png``.  By default the
 whole run happens in a network namespace of its own (loopback only), so the
@@ -39,6 +44,7 @@ processes on the machine.
 from __future__ import annotations
 
 import argparse
+import bisect
 import ctypes
 import importlib.util
 import json
@@ -51,14 +57,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import AbstractSet, Any, Callable, Iterator, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -90,6 +95,7 @@ def _load_module(name: str, path: Path) -> Any:
 
 
 bench_app = _load_module("bench_app", REPO / "bench" / "app.py")
+recording = _load_module("bench_recording", REPO / "bench" / "recording.py")
 report = _load_module("bench_report", REPO / "bench" / "report.py")
 
 
@@ -166,6 +172,18 @@ def versions() -> dict[str, str]:
     return found
 
 
+def source_state() -> dict[str, Any]:
+    """Which code was measured: the commit, and the files that differed from it."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines() if len(line) > 3]
+    return {"commit": git("rev-parse", "--short", "HEAD").strip(), "modified": changed}
+
+
 def remove_tree(path: Path) -> None:
     """Remove a pin directory bottom-up (bpffs has no recursive rmdir)."""
     if not path.exists():
@@ -202,8 +220,12 @@ def killpg(proc: subprocess.Popen, sig: int) -> None:
 
 
 def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
-    """Signal the main process, wait for it, then SIGKILL whatever is left of its session."""
-    if proc.poll() is None:
+    """Stop an instance: SIGKILL goes to its whole process group at once (master and workers die
+    together); another signal to the main process only, whose exit is awaited; then SIGKILL to whatever
+    is left of its process group."""
+    if sig == signal.SIGKILL:
+        killpg(proc, signal.SIGKILL)
+    elif proc.poll() is None:
         try:
             proc.send_signal(sig)
             proc.wait(timeout)
@@ -271,7 +293,7 @@ class Setup:
     def _uvicorn_options(self) -> list[str]:
         opts = ["--workers", str(self.workers), "--timeout-graceful-shutdown", str(self.graceful)]
         if self.ids_dir is not None:
-            opts += ["--http", "bench.recording:H11Protocol"]
+            opts += ["--loop", "bench.recording:loop_factory"]
         return opts
 
     def integrated(self) -> list[str]:
@@ -328,7 +350,7 @@ class Contender:
         return {}
 
     # -- helpers ------------------------------------------------------------------------------
-    def _probe_until_served_by(self, master: subprocess.Popen, want: int, exclude: set[int] = frozenset()) -> None:
+    def _probe_until_served_by(self, master: subprocess.Popen, want: int, exclude: AbstractSet[int] = frozenset()) -> None:
         """Probe (requests without an id) until ``want`` distinct processes of ``master`` answered."""
         answered: set[int] = set()
 
@@ -375,7 +397,9 @@ class Supervised(Contender):
         if proc.poll() is not None:
             raise BenchError(f"{self.key}: instance pid {proc.pid} exited with {proc.returncode}; see {self.log_path}")
         st = self._status()
-        return bool(st) and any(i["pid"] == proc.pid and i["state"] == "active" for i in st["instances"])
+        if st is None:
+            return False
+        return any(i["pid"] == proc.pid and i["state"] == "active" for i in st["instances"])
 
     def _instance(self, role: str) -> subprocess.Popen:
         env = {**self.setup.env(role), "REUSEPORT_STANDBY_SERVICE": self.service,
@@ -396,9 +420,9 @@ class Supervised(Contender):
             return self._status() is not None
 
         wait_until(up, 30, f"{self.key}: supervisor")
-        self.standby = self._instance("standby")
-        self.primary = self._instance("primary")
-        wait_until(lambda: self._active(self.standby) and self._active(self.primary), self.ready_timeout,
+        standby = self.standby = self._instance("standby")
+        primary = self.primary = self._instance("primary")
+        wait_until(lambda: self._active(standby) and self._active(primary), self.ready_timeout,
                    f"{self.key}: primary and standby active")
 
     def restart(self, kind: str) -> None:
@@ -539,7 +563,8 @@ def run_variant(c: Contender, variant: str, schedule: Schedule, *, concurrency: 
     error = None
     try:
         time.sleep(schedule.settle)
-        prev_at = prev_ready = None
+        prev_at: float | None = None
+        prev_ready = 0.0
         for kind in kinds:
             if prev_at is not None:
                 target = max(prev_at + schedule.period, prev_ready + schedule.min_gap)
@@ -555,9 +580,9 @@ def run_variant(c: Contender, variant: str, schedule: Schedule, *, concurrency: 
         log(f"  {c.key} {variant}: {error}")
     finally:
         result = load.stop()
-    in_app = bench_app.read_ids(str(ids_dir), ".ids")
-    read = bench_app.read_ids(str(ids_dir), ".read") | in_app
-    out = analyse(result, read, in_app, t0, steps, bucket)
+    in_app = bench_app.read_ids(str(ids_dir))
+    accepted = recording.read_accepted(str(ids_dir))
+    out = analyse(result, accepted, in_app, t0, steps, bucket)
     out.update({
         "variant": variant,
         "restarts": len(steps),
@@ -584,28 +609,45 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def analyse(result: LoadResult, read: set[int], in_app: set[int], t0: float, steps: list[dict[str, Any]],
-            bucket: float) -> dict[str, Any]:
+def accepted_during(accepted: dict[int, list[float]], r: Any) -> bool:
+    """Did a worker accept request ``r``'s connection while ``r`` was under way (same client port)?"""
+    times = accepted.get(r.port)
+    if not r.port or not times:
+        return False
+    i = bisect.bisect_left(times, r.sent)
+    return i < len(times) and times[i] <= r.ended
+
+
+def analyse(result: LoadResult, accepted: dict[int, list[float]], in_app: set[int], t0: float,
+            steps: list[dict[str, Any]], bucket: float) -> dict[str, Any]:
     """Classify every failure, and summarise latency, throughput, shares and the timeline.
 
-    ``read``: ids a worker held (bench/recording.py, or the app); ``in_app``:
-    ids the app was called with.  A failed request in ``read`` was lost
-    inside a worker.  One that is not: lost at the connection level if it
-    was the first on its connection (no worker ever accepted that
-    connection: refused, or reset in a listener's queue); if it was sent on
-    a keep-alive connection that had carried requests before, the server
-    side dropped that connection before reading it (shut down or killed
-    with it idle), which clients retry and no port sharing can prevent.
+    A failed request was lost inside a worker if a worker accepted its
+    connection while it was under way (bench/recording.py), or the app was
+    called with it.  Otherwise: lost at the connection level if it was the
+    first on its connection (no worker ever accepted that connection:
+    refused, or reset in a listener's queue or handshake); if it was sent on a
+    keep-alive connection that had carried requests before, the server side
+    closed or lost that connection with the request unread, which HTTP
+    clients retry and no port sharing can prevent.
     """
     reqs = result.requests
     ok = [r for r in reqs if r.kind == "ok"]
     failed = [r for r in reqs if r.kind != "ok"]
-    in_worker = [r for r in failed if r.id in read]
-    conn_new = [r for r in failed if r.id not in read and not r.reused]
-    conn_reused = [r for r in failed if r.id not in read and r.reused]
-    # What the app's record alone would call connection-level: the difference was read by a
+    held = [r.id in in_app or (not r.reused and accepted_during(accepted, r)) for r in failed]
+    in_worker = [r for r, h in zip(failed, held) if h]
+    conn_new = [r for r, h in zip(failed, held) if not h and not r.reused]
+    conn_reused = [r for r, h in zip(failed, held) if not h and r.reused]
+    # What the app's record alone would call connection-level: the difference was accepted by a
     # worker that died before calling the app.
     app_unseen = [r for r in failed if r.id not in in_app]
+    # Checks of the method: every answered request reached the app, and every answered request
+    # on a new connection has its accept recorded.
+    unrecorded_app = sum(1 for r in ok if r.id not in in_app)
+    unrecorded_accept = sum(1 for r in ok if not r.reused and not accepted_during(accepted, r))
+    classes = {id(r): "in_worker" for r in in_worker}
+    classes.update({id(r): "connection" for r in conn_new})
+    classes.update({id(r): "reused_keepalive" for r in conn_reused})
     lat = sorted(r.ended - r.sent for r in ok)
     elapsed = result.elapsed or 1e-9
 
@@ -671,7 +713,8 @@ def analyse(result: LoadResult, read: set[int], in_app: set[int], t0: float, ste
         "connection_level_by_kind": kinds(conn_new),
         "reused_keepalive_by_kind": kinds(conn_reused),
         "in_worker_by_kind": kinds(in_worker),
-        "answered_but_unrecorded": sum(1 for r in ok if r.id not in in_app or r.id not in read),
+        "check_answered_not_in_app": unrecorded_app,
+        "check_answered_accept_not_recorded": unrecorded_accept,
         "by_restart_kind": by_kind,
         "failures_before_first_restart": before_first,
         "failures_per_restart": per_step,
@@ -682,6 +725,11 @@ def analyse(result: LoadResult, read: set[int], in_app: set[int], t0: float, ste
         "share": {role: round(v / n_ok, 4) for role, v in sorted(roles.items())},
         "answered_by": {role: v for role, v in sorted(roles.items())},
         "worker_pids": {role: len(v) for role, v in sorted(pids.items())},
+        # every failed request (at most 5000), times in seconds since the load started
+        "failed_requests": [
+            {"id": r.id, "sent": round(r.sent - t0, 4), "ended": round(r.ended - t0, 4), "kind": r.kind,
+             "class": classes[id(r)], "reused": r.reused, "port": r.port, "in_app": r.id in in_app}
+            for r in failed[:5000]],
         "timeline": {"bucket_s": bucket, "ok": tl_ok, "failed": tl_failed,
                      "p99_ms": [round(_pct(l, 0.99) * 1e3, 1) if l else None for l in tl_lat],
                      "max_ms": [round(l[-1] * 1e3, 1) if l else None for l in tl_lat]},
@@ -691,8 +739,10 @@ def analyse(result: LoadResult, read: set[int], in_app: set[int], t0: float, ste
 # -- steady state: this project vs one plain server ----------------------------------------------
 
 def cpu_seconds(roots: Sequence[subprocess.Popen | None]) -> float:
-    """user + system CPU time of these processes and their children (workers), from /proc."""
-    tick = os.sysconf("SC_CLK_TCK")
+    """CPU time of these processes and their children (workers), all threads, in seconds.
+
+    From /proc/PID/task/*/schedstat (nanoseconds on CPU), not utime+stime (10 ms ticks).
+    """
     pids: set[int] = set()
     for proc in roots:
         if proc is not None:
@@ -701,21 +751,29 @@ def cpu_seconds(roots: Sequence[subprocess.Popen | None]) -> float:
     total = 0
     for pid in pids:
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / tick
+        for tid in tasks:
+            try:
+                total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+            except (OSError, IndexError, ValueError):
+                continue
+    return total / 1e9
 
 
 def overhead(args: argparse.Namespace, workdir: Path, pin_root: Path) -> dict[str, Any]:
-    """Alternating short rounds of the same load, no restarts, against both (each idle while the other runs).
+    """Steady-state throughput of reuseport-standby against one plain server, no restarts.
 
-    Throughput on a shared machine swings with other people's work from one
-    second to the next, so rounds alternate ABBA and both the ratio of mean
-    throughputs and the median of adjacent-round ratios are reported; CPU
-    time per request of every process each side runs (ours: supervisor,
-    primary and standby with their workers) is the steadier figure.
+    Both run all along (each idle while not measured).  Throughput on a
+    shared machine swings with other people's work from one second to the
+    next, so each round measures two ways: *alternating* (the full load
+    against one, then the other; the order flips every round: ABBA...) and
+    *simultaneous* (half the load against each at once, so both see the
+    same contention; the start order flips too).  Reported: the median of
+    the per-round ratios and their range, and server CPU time per request
+    (every process each side runs: ours is supervisor, primary and standby
+    with their workers).
     """
     app_wsgi, app_asgi = "reuseport_standby.demo_app:app", "reuseport_standby.demo_app:asgi_app"
     setup = Setup(args.server, args.workers, 0, None, workdir, wsgi=app_wsgi, asgi=app_asgi)
@@ -726,56 +784,74 @@ def overhead(args: argparse.Namespace, workdir: Path, pin_root: Path) -> dict[st
     plain.key = "overhead-plain"
     plain.log_path = workdir / f"{plain.key}.log"
     rounds: list[dict[str, Any]] = []
+
+    def load(c: Contender, concurrency: int) -> Load:
+        return Load(HOST, c.port, concurrency=concurrency, duration=args.overhead_seconds, timeout=args.timeout,
+                    record_latencies=False)
+
+    def row(i: int, mode: str, side: str, r: LoadResult, cpu: float) -> dict[str, Any]:
+        return {"round": i, "mode": mode, "side": side, "ok": r.ok, "failed": r.failed,
+                "elapsed_s": round(r.elapsed, 3), "rps": round(r.ok / r.elapsed, 1) if r.elapsed else 0.0,
+                "server_cpu_s": round(cpu, 4), "answered_by": dict(r.served_by)}
+
     try:
         ours.start()
         plain.start()
         procs = {"reuseport-standby": lambda: [ours.supervisor, ours.primary, ours.standby],
                  "plain": lambda: [plain.proc]}
+        sides = {"reuseport-standby": ours, "plain": plain}
         for c in (ours, plain):  # warm up
             Load(HOST, c.port, concurrency=args.concurrency, duration=1.0, timeout=args.timeout,
                  record_latencies=False).start().wait()
         for i in range(args.overhead_rounds):
-            order = (ours, plain) if i % 2 == 0 else (plain, ours)
-            for c in order:
-                side = "reuseport-standby" if c is ours else "plain"
+            order = ["reuseport-standby", "plain"] if i % 2 == 0 else ["plain", "reuseport-standby"]
+            for side in order:
                 cpu0 = cpu_seconds(procs[side]())
-                r = Load(HOST, c.port, concurrency=args.concurrency, duration=args.overhead_seconds,
-                         timeout=args.timeout, record_latencies=False).start().wait()
-                cpu = cpu_seconds(procs[side]()) - cpu0
-                rounds.append({"round": i, "side": side, "ok": r.ok, "failed": r.failed,
-                               "elapsed_s": round(r.elapsed, 3), "rps": round(r.ok / r.elapsed, 1) if r.elapsed else 0.0,
-                               "server_cpu_s": round(cpu, 2), "answered_by": dict(r.served_by)})
+                r = load(sides[side], args.concurrency).start().wait()
+                rounds.append(row(i, "alternating", side, r, cpu_seconds(procs[side]()) - cpu0))
+            cpu0s = {side: cpu_seconds(procs[side]()) for side in order}
+            loads = {side: load(sides[side], max(1, args.concurrency // 2)).start() for side in order}
+            results = {side: loads[side].wait() for side in order}
+            for side in order:
+                rounds.append(row(i, "simultaneous", side, results[side], cpu_seconds(procs[side]()) - cpu0s[side]))
     finally:
         ours.stop()
         plain.stop()
-    a = [r for r in rounds if r["side"] == "reuseport-standby"]
-    b = [r for r in rounds if r["side"] == "plain"]
-    pairs = [x["rps"] / y["rps"] for x, y in zip(a, b) if y["rps"]]
 
-    def cpu_ms(rs: list[dict[str, Any]]) -> float | None:
-        n = sum(r["ok"] for r in rs)
-        return round(1e3 * sum(r["server_cpu_s"] for r in rs) / n, 4) if n else None
+    def summary(mode: str) -> dict[str, Any]:
+        a = [r for r in rounds if r["mode"] == mode and r["side"] == "reuseport-standby"]
+        b = [r for r in rounds if r["mode"] == mode and r["side"] == "plain"]
+        ratios = sorted(x["rps"] / y["rps"] for x, y in zip(a, b) if y["rps"])
+        cpu_ratios = sorted((y["server_cpu_s"] / y["ok"]) / (x["server_cpu_s"] / x["ok"])
+                            for x, y in zip(a, b) if x["ok"] and y["ok"] and x["server_cpu_s"])
+        n_a, n_b = sum(x["ok"] for x in a), sum(y["ok"] for y in b)
+        return {
+            "rounds": len(ratios),
+            "reuseport_standby_rps_mean": round(statistics.mean(x["rps"] for x in a), 1) if a else None,
+            "plain_rps_mean": round(statistics.mean(y["rps"] for y in b), 1) if b else None,
+            "ratio_median": round(statistics.median(ratios), 4) if ratios else None,
+            "ratio_q1": round(_pct(ratios, 0.25), 4) if ratios else None,
+            "ratio_q3": round(_pct(ratios, 0.75), 4) if ratios else None,
+            "ratio_min": round(ratios[0], 4) if ratios else None,
+            "ratio_max": round(ratios[-1], 4) if ratios else None,
+            "reuseport_standby_cpu_ms_per_request": round(1e3 * sum(x["server_cpu_s"] for x in a) / n_a, 4) if n_a else None,
+            "plain_cpu_ms_per_request": round(1e3 * sum(y["server_cpu_s"] for y in b) / n_b, 4) if n_b else None,
+            # plain's CPU per request over ours: the throughput ratio a CPU-bound server would see
+            "cpu_ratio_median": round(statistics.median(cpu_ratios), 4) if cpu_ratios else None,
+            "cpu_ratio_q1": round(_pct(cpu_ratios, 0.25), 4) if cpu_ratios else None,
+            "cpu_ratio_q3": round(_pct(cpu_ratios, 0.75), 4) if cpu_ratios else None,
+        }
 
-    out: dict[str, Any] = {
+    return {
         "app": app_wsgi if args.server == "gunicorn" else app_asgi,
         "app_sleep_ms": 0,
         "plain": f"single {args.server}, {args.workers} workers",
+        "seconds_per_round": args.overhead_seconds,
+        "alternating": summary("alternating"),
+        "simultaneous": summary("simultaneous"),
         "rounds": rounds,
-        "reuseport_standby_rps_mean": round(statistics.mean(x["rps"] for x in a), 1) if a else None,
-        "plain_rps_mean": round(statistics.mean(y["rps"] for y in b), 1) if b else None,
-        "ratio_median_of_rounds": round(statistics.median(pairs), 4) if pairs else None,
-        "ratio_min": round(min(pairs), 4) if pairs else None,
-        "ratio_max": round(max(pairs), 4) if pairs else None,
-        "reuseport_standby_cpu_ms_per_request": cpu_ms(a),
-        "plain_cpu_ms_per_request": cpu_ms(b),
         "target": 0.97,
     }
-    out["ratio_of_means"] = (round(out["reuseport_standby_rps_mean"] / out["plain_rps_mean"], 4)
-                             if a and b and out["plain_rps_mean"] else None)
-    if out["reuseport_standby_cpu_ms_per_request"] and out["plain_cpu_ms_per_request"]:
-        # throughput a CPU-bound server would reach, relative: plain's CPU per request over ours
-        out["cpu_efficiency_ratio"] = round(out["plain_cpu_ms_per_request"] / out["reuseport_standby_cpu_ms_per_request"], 4)
-    return out
 
 
 def synthetic_bpf_cost(connections: int) -> dict[str, Any]:
@@ -819,18 +895,22 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--timeout", type=float, default=5.0, help="client timeout per request, s (default 5)")
     ap.add_argument("--ready-timeout", type=float, default=60.0,
                     help="how long a (re)started instance may take to serve, s (default 60)")
-    ap.add_argument("--overhead-rounds", type=int, default=10,
-                    help="steady-state rounds per side (order alternating ABBA...; 0 to skip; default 10)")
-    ap.add_argument("--overhead-seconds", type=float, default=2.0, help="seconds per steady-state round (default 2)")
+    ap.add_argument("--overhead-rounds", type=int, default=16,
+                    help="steady-state rounds, each: one alternating pair and one simultaneous (0 to skip; default 16)")
+    ap.add_argument("--overhead-seconds", type=float, default=1.5,
+                    help="seconds per steady-state measurement (default 1.5)")
     ap.add_argument("--bpf-connections", type=int, default=2000,
                     help="connections per case for bench/loader.py's selection cost (0 to skip; default 2000)")
     ap.add_argument("--bucket", type=float, default=0.25, help="timeline resolution, s (default 0.25)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results",
                     help="directory for restarts-SERVER.{json,md,png} (default bench/results)")
+    ap.add_argument("--keep-records", action="store_true",
+                    help="keep the servers' records of ids and accepts (in the log directory) for inspection")
     ap.add_argument("--no-netns", dest="netns", action="store_false",
                     help="stay in the current network namespace (nstat deltas then include other traffic)")
-    ap.add_argument("--max-minutes", type=float, default=20.0,
-                    help="hard bound: phases that would start after this are skipped (default 20)")
+    ap.add_argument("--max-minutes", type=float, default=8.0,
+                    help="phases that would start later than this are skipped, so that a run ends within about "
+                         "2 minutes more (default 8)")
     return ap
 
 
@@ -838,9 +918,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    for c in contenders:
-        if c not in CONTENDERS:
-            raise SystemExit(f"unknown contender {c!r}; choose from {', '.join(CONTENDERS)}")
+    for name in contenders:
+        if name not in CONTENDERS:
+            raise SystemExit(f"unknown contender {name!r}; choose from {', '.join(CONTENDERS)}")
     for v in variants:
         if v not in VARIANTS:
             raise SystemExit(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
@@ -864,7 +944,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "command": " ".join([".venv/bin/python", "bench/restarts.py", *(argv if argv is not None else sys.argv[1:])]),
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started_wall)),
             "kernel": platform.release(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "versions": versions(), "server": args.server, "workers": args.workers, "concurrency": args.concurrency,
+            "versions": versions(), "source": source_state(), "server": args.server, "workers": args.workers, "concurrency": args.concurrency,
             "restarts": args.restarts, "keepalive_restarts": args.keepalive_restarts, "period_s": args.period,
             "min_gap_s": args.min_gap, "app_sleep_ms": args.app_sleep_ms, "timeout_s": args.timeout,
             "keepalive_requests": args.keepalive_requests,
@@ -882,6 +962,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for key in contenders:
                 if time.monotonic() > hard_deadline:
                     log(f"skipping {key}: past --max-minutes")
+                    results["meta"].setdefault("skipped", []).append(key)
                     continue
                 ids_dir = ids_root / key
                 ids_dir.mkdir()
@@ -907,6 +988,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         n = args.restarts if variant == "new-connection" else args.keepalive_restarts
                         if time.monotonic() > hard_deadline:
                             log(f"  skipping {key} {variant}: past --max-minutes")
+                            results["meta"].setdefault("skipped", []).append(f"{key} {variant}")
                             continue
                         schedule = Schedule(n, args.period, args.min_gap, args.settle, args.tail)
                         log(f"  {key} {variant}: {n} restarts under load")
@@ -924,18 +1006,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                     log(f"{key}: {exc}")
                 finally:
                     c.stop()
-            if args.bpf_connections > 0 and time.monotonic() < hard_deadline:
+            if args.bpf_connections > 0 and time.monotonic() >= hard_deadline:
+                results["meta"].setdefault("skipped", []).append("bpf cost")
+            elif args.bpf_connections > 0:
                 log(f"BPF selection cost (bench/loader.py, {args.bpf_connections} connections per case)")
                 under_load = {k: v["variants"][var]["bpf_prog"] for k, v in results["contenders"].items()
                               for var in v["variants"] if v["variants"][var].get("bpf_prog")}
                 results["bpf_cost"] = {"under_load": under_load, "synthetic": synthetic_bpf_cost(args.bpf_connections)}
-        if args.overhead_rounds > 0 and time.monotonic() < hard_deadline:
-            log(f"steady state: {args.overhead_rounds} rounds x {args.overhead_seconds:.0f} s per side")
+        if args.overhead_rounds > 0 and time.monotonic() >= hard_deadline:
+            results["meta"].setdefault("skipped", []).append("steady state")
+        elif args.overhead_rounds > 0:
+            log(f"steady state: {args.overhead_rounds} rounds, {args.overhead_seconds:g} s per measurement")
             try:
                 results["overhead"] = overhead(args, workdir, pin_root)
-                ov = results["overhead"]
-                log(f"  throughput ratio {ov['ratio_of_means']} (median of rounds {ov['ratio_median_of_rounds']}); "
-                    f"CPU ms/request {ov['reuseport_standby_cpu_ms_per_request']} vs {ov['plain_cpu_ms_per_request']}")
+                for mode in ("alternating", "simultaneous"):
+                    o = results["overhead"][mode]
+                    log(f"  {mode}: throughput ratio median {o['ratio_median']} ({o['ratio_min']}-{o['ratio_max']}); "
+                        f"CPU ratio median {o['cpu_ratio_median']}")
             except BenchError as exc:
                 results["overhead"] = {"error": str(exc)}
                 log(f"steady state: {exc}")
@@ -956,15 +1043,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["meta"]["loadavg_after"] = list(os.getloadavg())
         results["meta"]["logs"] = str(workdir)
         base = args.out / f"restarts-{args.server}"
-        base.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+        base.with_suffix(".json").write_text(json.dumps(results, separators=(",", ":")) + "\n")
         base.with_suffix(".md").write_text(report.markdown(results))
         try:
             report.chart(results, base.with_suffix(".png"))
         except Exception as exc:  # a chart must never cost the measurements
             log(f"chart failed: {exc!r}")
-        shutil.rmtree(ids_root, ignore_errors=True)
+        if not args.keep_records:
+            shutil.rmtree(ids_root, ignore_errors=True)
         log(f"wrote {base}.json, .md, .png in {results['meta']['duration_s']:.0f} s; server logs in {workdir}")
     print(base.with_suffix(".md").read_text())
+    failed_phases = [k for k, e in results["contenders"].items()
+                     if e.get("error") or any(v.get("error") for v in e.get("variants", {}).values())]
+    skipped = results["meta"].get("skipped", [])
+    if failed_phases or skipped or results["meta"].get("interrupted") or (results["overhead"] or {}).get("error"):
+        log(f"incomplete: failed {failed_phases}, skipped {skipped}, interrupted {bool(results['meta'].get('interrupted'))}")
+        return 1
     return 0
 
 

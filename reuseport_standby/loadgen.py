@@ -15,7 +15,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 
 class RequestRecord(NamedTuple):
@@ -27,6 +27,7 @@ class RequestRecord(NamedTuple):
     kind: str  #: "ok" or the failure kind
     answer: str  #: the response body (stripped, at most 80 characters): the demo apps answer "<role> <pid>"
     reused: bool  #: sent on a keep-alive connection that had already carried a request
+    port: int = 0  #: the connection's local (client) port, 0 if it never connected
 
 
 @dataclass
@@ -75,8 +76,12 @@ def one_request(host: str, port: int, path: str = "/", timeout: float = 5.0,
 
 
 def exchange(host: str, port: int, path: str = "/", timeout: float = 5.0,
-             sock: socket.socket | None = None) -> tuple[str, socket.socket | None, bytes]:
-    """Like :func:`one_request`, also returning the response body."""
+             sock: socket.socket | None = None, *,
+             on_connect: Callable[[socket.socket], None] | None = None) -> tuple[str, socket.socket | None, bytes]:
+    """Like :func:`one_request`, also returning the response body.
+
+    ``on_connect`` is called with the new socket once it is connected (not for a given ``sock``).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     keep = sock is not None
     try:
@@ -88,6 +93,8 @@ def exchange(host: str, port: int, path: str = "/", timeout: float = 5.0,
             except ConnectionRefusedError:
                 sock.close()
                 return "refused", None, b""
+            if on_connect is not None:
+                on_connect(sock)
         conn_hdr = "keep-alive" if keep else "close"
         sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: {conn_hdr}\r\n\r\n".encode())
         data = b""
@@ -184,12 +191,12 @@ class Load:
             return self.path
         return f"{self.path}{'&' if '?' in self.path else '?'}id={self.id_base + seq}"
 
-    def _trace(self, seq: int, t0: float, ended: float, kind: str, body: bytes, reused: bool) -> None:
+    def _trace(self, seq: int, t0: float, ended: float, kind: str, body: bytes, reused: bool, port: int) -> None:
         if not self.request_ids:
             return
         answer = body[:80].decode(errors="replace").strip()
         with self._lock:
-            self.result.requests.append(RequestRecord(self.id_base + seq, t0, ended, kind, answer, reused))
+            self.result.requests.append(RequestRecord(self.id_base + seq, t0, ended, kind, answer, reused, port))
 
     def _record(self, kind: str, dt: float, body: bytes = b"") -> None:
         now = time.monotonic()
@@ -228,6 +235,12 @@ class Load:
         deadline = self._start + self.duration
         sock: socket.socket | None = None
         carried = 0  # requests the keep-alive socket in hand has carried
+        port = 0  # local port of the connection in use
+
+        def connected(s: socket.socket) -> None:
+            nonlocal port
+            port = s.getsockname()[1]
+
         while not self._stop.is_set() and time.monotonic() < deadline:
             seq = self._take_id()
             if seq is None:
@@ -237,20 +250,24 @@ class Load:
                                      or (self.reuse_check and _closed_by_peer(sock))):
                 sock.close()
                 sock = None
+            if sock is None:
+                port = 0
             if self.keepalive and sock is None:
                 sock, kind = self._connect()
                 carried = 0
                 if sock is None:
                     ended = time.monotonic()
                     self._record(kind, ended - t0)
-                    self._trace(seq, t0, ended, kind, b"", False)
+                    self._trace(seq, t0, ended, kind, b"", False, 0)
                     continue
+                connected(sock)
             reused = carried > 0
-            kind, sock, body = exchange(self.host, self.port, self._path_for(seq), self.timeout, sock)
+            kind, sock, body = exchange(self.host, self.port, self._path_for(seq), self.timeout, sock,
+                                        on_connect=connected if self.request_ids else None)
             carried = carried + 1 if sock is not None else 0
             ended = time.monotonic()
             self._record(kind, ended - t0, body)
-            self._trace(seq, t0, ended, kind, body, reused)
+            self._trace(seq, t0, ended, kind, body, reused, port)
         if sock is not None:
             sock.close()
 

@@ -18,6 +18,7 @@ PER_RUN_KEYS = {
     "variant", "restarts", "steps", "error", "requests", "ok", "failed", "failures_by_kind", "lost_connection_level",
     "failed_on_reused_keepalive", "lost_in_worker", "lost_in_worker_in_app", "lost_never_reached_app",
     "by_restart_kind", "latency_ms", "throughput_rps", "share", "nstat", "timeline", "bpf_prog", "program_counters",
+    "check_answered_not_in_app", "check_answered_accept_not_recorded",
 }
 NSTAT_KEYS = {"TcpExtListenDrops", "TcpExtListenOverflows", "TcpExtTCPMigrateReqSuccess", "TcpExtTCPMigrateReqFailure"}
 
@@ -61,8 +62,12 @@ def test_restarts_bench_writes_json_markdown_and_chart(tmp_path: Path, kernel: N
             assert entry["variants"]["new-connection"]["bpf_prog"] == {}
 
     ov = results["overhead"]
-    assert {"ratio_of_means", "reuseport_standby_cpu_ms_per_request", "plain_cpu_ms_per_request"} <= set(ov)
-    assert [x["side"] for x in ov["rounds"]] == ["reuseport-standby", "plain"]
+    for mode in ("alternating", "simultaneous"):
+        assert {"ratio_median", "reuseport_standby_cpu_ms_per_request", "plain_cpu_ms_per_request",
+                "cpu_ratio_median"} <= set(ov[mode])
+    assert [(x["mode"], x["side"]) for x in ov["rounds"]] == [
+        ("alternating", "reuseport-standby"), ("alternating", "plain"),
+        ("simultaneous", "reuseport-standby"), ("simultaneous", "plain")]
     assert any(k.endswith("_ns") for k in results["bpf_cost"]["synthetic"])
 
     md = (tmp_path / "restarts-gunicorn.md").read_text()
