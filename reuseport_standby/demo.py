@@ -126,7 +126,8 @@ class PlainReuseport:
         else:
             # uvicorn has no reuse-port option: the same python, binding its own SO_REUSEPORT socket.
             cmd = [sys.executable, "-c", _UVICORN_REUSEPORT, str(self.port)]
-        cmd[0] = shutil.which(cmd[0]) or cmd[0]
+        # The server next to this interpreter (a venv's), not whichever is first on PATH.
+        cmd[0] = shutil.which(cmd[0], path=os.path.dirname(sys.executable)) or shutil.which(cmd[0]) or cmd[0]
         return subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout: float = 60) -> None:

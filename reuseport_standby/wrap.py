@@ -114,7 +114,7 @@ def _pop_config(args: list[str]) -> tuple[str | None, list[str]]:
 def gunicorn_command(prog: list[str], args: list[str], workdir: str | None = None) -> list[str]:
     """Inject our config, composing with the user's own when there is one."""
     if prog and Path(prog[0]).name == "gunicorn" and not os.path.sep in prog[0]:
-        found = shutil.which("gunicorn")
+        found = shutil.which("gunicorn", path=os.path.dirname(sys.executable)) or shutil.which("gunicorn")
         prog = [found or prog[0]]
     user, rest = _pop_config(args)
     if user is None and Path("gunicorn.conf.py").is_file():
