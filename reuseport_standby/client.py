@@ -119,8 +119,19 @@ class InstanceClient:
 
     def __init__(self, role: Role | str, service: str = protocol.DEFAULT_SERVICE, *, control: str | None = None,
                  name: str = "", connect_timeout: float = 30.0, reconnect: bool = True,
-                 heartbeat: float | None = 1.0) -> None:
+                 heartbeat: float | None = 1.0, scope: str = "instance", parent: int | None = None,
+                 stop_timeout: float = 10.0) -> None:
+        """``scope="worker"``: this instance's workers register on their own (each an
+        ``InstanceClient`` with ``parent`` = this process's pid); the listeners this
+        client receives are never activated, and its ``stop()`` takes every worker
+        out of the traffic at once.  ``stop_timeout``: how long ``stop()`` waits for
+        the supervisor's answer."""
+        if scope not in protocol.SCOPES:
+            raise ValueError(f"scope must be one of {', '.join(protocol.SCOPES)}, got {scope!r}")
         self.role = role if isinstance(role, Role) else Role.parse(role)
+        self.scope = scope
+        self.parent = parent
+        self.stop_timeout = stop_timeout
         self.service = protocol.check_service(service)
         self.control_path = protocol.control_path(service, control)
         self.name = name
@@ -153,7 +164,7 @@ class InstanceClient:
             conn = connect(self.control_path, self.connect_timeout)
             try:
                 reply, socks = request(conn, {"op": "hello", "role": self.role.value, "pid": os.getpid(),
-                                              "name": self.name, **self._heartbeat_field()})
+                                              "name": self.name, **self._heartbeat_field(), **self._scope_fields()})
             except BaseException:
                 conn.close()
                 raise
@@ -202,7 +213,7 @@ class InstanceClient:
             self.state = "stopped"
             try:
                 if was in ("pending", "active"):
-                    self._request({"op": "stop"}, retry=False)
+                    self._request({"op": "stop"}, retry=False, timeout=self.stop_timeout)
             except (OSError, ProtocolError, SupervisorUnavailable) as exc:
                 log.warning("reuseport-standby: could not tell the supervisor to stop routing here (%s); "
                             "connections still queued when this instance closes its listeners will be migrated", exc)
@@ -221,6 +232,12 @@ class InstanceClient:
     def _heartbeat_field(self) -> dict[str, float]:
         return {"heartbeat": self.heartbeat} if self.heartbeat else {}
 
+    def _scope_fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {"scope": self.scope} if self.scope != "instance" else {}
+        if self.parent is not None:
+            fields["parent"] = self.parent
+        return fields
+
     def _beat(self, conn: socket.socket) -> None:
         with self._lock:
             if self._conn is not conn or self.state not in ("pending", "active"):
@@ -230,11 +247,11 @@ class InstanceClient:
             except (SupervisorUnavailable, ProtocolError, OSError) as exc:
                 log.debug("reuseport-standby: heartbeat failed: %s", exc)
 
-    def _request(self, msg: dict[str, Any], retry: bool = True) -> dict[str, Any]:
+    def _request(self, msg: dict[str, Any], retry: bool = True, timeout: float = 10.0) -> dict[str, Any]:
         if self._conn is None:
             raise SupervisorUnavailable("not connected to the supervisor")
         try:
-            reply, socks = request(self._conn, msg)
+            reply, socks = request(self._conn, msg, timeout=timeout)
         except (SupervisorUnavailable, OSError):
             if not (retry and self.reconnect):
                 raise
@@ -289,7 +306,7 @@ class InstanceClient:
         try:
             reply, socks = request(conn, {"op": "readopt", "role": self.role.value, "pid": os.getpid(),
                                           "name": self.name, "active": self.state == "active",
-                                          **self._heartbeat_field()},
+                                          **self._heartbeat_field(), **self._scope_fields()},
                                    [s.fileno() for s in self._keep])
         except BaseException:
             conn.close()

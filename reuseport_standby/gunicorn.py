@@ -20,6 +20,14 @@ can import them and :func:`compose` them with its own.
   last copy of the listener closes, what was accepted completes.  Workers
   close their copies as soon as their serving loop returns, so the queue
   does not wait for their interpreters to tear down.
+- **Worker scope** (``REUSEPORT_STANDBY_SCOPE=worker``).  Every worker is a
+  client of the supervisor of its own: in ``post_fork`` it registers (with
+  the master's pid as its parent) and serves listeners of its own instead of
+  the master's, which are never activated.  Its first heartbeat activates its
+  own slot; the moment it begins to exit (``alive`` turns false: SIGTERM,
+  SIGQUIT, ``max_requests``) it leaves its slot, and what is queued on its
+  listener when that closes migrates to a sibling.  The master's stop takes
+  every worker out of the traffic at once.
 """
 
 from __future__ import annotations
@@ -31,15 +39,18 @@ import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import protocol
 from .client import InstanceClient
 from .errors import ReuseportStandbyError
-from .layout import Role
+from .layout import WORKERS_PER_INSTANCE, Role
 
 if TYPE_CHECKING:
+    import socket
+
     from gunicorn.arbiter import Arbiter
     from gunicorn.workers.base import Worker
 
@@ -49,6 +60,13 @@ ENV_ROLE = "REUSEPORT_STANDBY_ROLE"
 ENV_SERVICE = "REUSEPORT_STANDBY_SERVICE"
 ENV_CONTROL = "REUSEPORT_STANDBY_CONTROL"
 ENV_CONNECT_TIMEOUT = "REUSEPORT_STANDBY_CONNECT_TIMEOUT"
+ENV_SCOPE = "REUSEPORT_STANDBY_SCOPE"
+
+# A worker-scope worker: how long it waits for the supervisor when it starts (gunicorn
+# kills a worker that has not booted within its timeout anyway), and for the answer to
+# 'stop' when it begins to exit.
+WORKER_CONNECT_TIMEOUT = 10.0
+WORKER_STOP_TIMEOUT = 2.0
 
 WORKER_BOOT_ERROR = 3  # gunicorn.arbiter.Arbiter.WORKER_BOOT_ERROR: the master halts on it
 _HOOK_MARK = "__reuseport_standby_hook__"
@@ -69,6 +87,7 @@ class Settings:
     service: str = protocol.DEFAULT_SERVICE
     control: str | None = None
     connect_timeout: float = 30.0
+    scope: str = "instance"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
@@ -89,7 +108,12 @@ class Settings:
             timeout = float(env.get(ENV_CONNECT_TIMEOUT, "30"))
         except ValueError:
             raise ConfigurationError(f"{ENV_CONNECT_TIMEOUT} must be a number of seconds") from None
-        return cls(role=parsed_role, service=service, control=env.get(ENV_CONTROL) or None, connect_timeout=timeout)
+        scope = env.get(ENV_SCOPE) or "instance"
+        if scope not in protocol.SCOPES:
+            raise ConfigurationError(f"{ENV_SCOPE} must be 'instance' (one set of listeners per gunicorn) or "
+                                     f"'worker' (one per worker), not {scope!r}")
+        return cls(role=parsed_role, service=service, control=env.get(ENV_CONTROL) or None, connect_timeout=timeout,
+                   scope=scope)
 
 
 class GunicornInstance:
@@ -103,12 +127,17 @@ class GunicornInstance:
         self._server: Arbiter | None = None
         self._ready_r = -1
         self._ready_w = -1
+        self.worker_client: InstanceClient | None = None  # worker scope, in a worker: its own
+
+    @property
+    def worker_scope(self) -> bool:
+        return self.settings.scope == "worker"
 
     @classmethod
     def open(cls, settings: Settings) -> "GunicornInstance":
         """Register with the supervisor and take this instance's listeners."""
         client = InstanceClient(settings.role, settings.service, control=settings.control, name="gunicorn",
-                                connect_timeout=settings.connect_timeout)
+                                connect_timeout=settings.connect_timeout, scope=settings.scope)
         socks = client.open()
         # gunicorn dups each fd://N and closes N, so the socket objects must let go of them.
         return cls(settings, client, [s.detach() for s in socks])
@@ -146,9 +175,12 @@ class GunicornInstance:
         self._server = server
         self._open_ready_pipe()
         server.stop = self._leave_first(server.stop)
-        server.log.info("reuseport-standby: %s instance %s of service %s on %s; active once a worker serves",
+        if self.worker_scope:
+            server.handle_ttin = self._bounded_ttin(server, server.handle_ttin)
+        server.log.info("reuseport-standby: %s instance %s of service %s on %s; active once a worker serves%s",
                         self.client.role.value, self.client.instance_id, self.client.service,
-                        ", ".join(map(str, self.client.addresses)))
+                        ", ".join(map(str, self.client.addresses)),
+                        " (worker scope: every worker has listeners of its own)" if self.worker_scope else "")
 
     def problems(self, server: "Arbiter") -> list[str]:
         """What in gunicorn's final settings would make it misbehave with these listeners."""
@@ -176,7 +208,28 @@ class GunicornInstance:
             found.append("post_worker_init is not reuseport-standby's, so this instance would never become ready: "
                          "keep yours with post_worker_init = reuseport_standby.gunicorn.compose("
                          "reuseport_standby.gunicorn.post_worker_init, your_hook)")
+        if self.worker_scope:
+            if cfg.workers > WORKERS_PER_INSTANCE:
+                found.append(f"{ENV_SCOPE}=worker gives every worker a slot of its own, and an instance may have at "
+                             f"most {WORKERS_PER_INSTANCE} (two instances of a role overlap during a restart): "
+                             f"--workers {cfg.workers} is too many; use at most {WORKERS_PER_INSTANCE}, or the "
+                             f"instance scope")
+            if not getattr(cfg.post_fork, _HOOK_MARK, False):
+                found.append("post_fork is not reuseport-standby's, so in worker scope the workers would never get "
+                             "listeners of their own: keep yours with post_fork = reuseport_standby.gunicorn.compose("
+                             "reuseport_standby.gunicorn.post_fork, your_hook)")
         return found
+
+    def _bounded_ttin(self, server: "Arbiter", handle_ttin: Callable[[], None]) -> Callable[[], None]:
+        @functools.wraps(handle_ttin)
+        def handle_ttin_bounded() -> None:
+            if server.num_workers >= WORKERS_PER_INSTANCE:
+                server.log.error("reuseport-standby: TTIN ignored: in worker scope an instance has at most %d "
+                                 "workers (one slot each)", WORKERS_PER_INSTANCE)
+                return
+            handle_ttin()
+
+        return handle_ttin_bounded
 
     def _open_ready_pipe(self) -> None:
         self._ready_r, self._ready_w = os.pipe2(os.O_CLOEXEC)
@@ -236,10 +289,14 @@ class GunicornInstance:
         """
         heartbeat = worker.notify
         run = worker.run
+        own = self.worker_client
 
         def first_heartbeat() -> None:
             worker.notify = heartbeat
             heartbeat()
+            if own is not None:
+                self._activate_worker(worker, own)
+                return
             try:
                 os.write(self._ready_w, b"%d\n" % os.getpid())
             except OSError as exc:
@@ -253,6 +310,8 @@ class GunicornInstance:
 
         worker.notify = first_heartbeat
         worker.run = run_then_release  # gunicorn calls self.run() right after post_worker_init
+        if own is not None:
+            _leave_when_exiting(worker, own)
 
     @staticmethod
     def release(worker: "Worker") -> None:
@@ -266,9 +325,45 @@ class GunicornInstance:
         """
         for sock in worker.sockets:
             try:
-                sock.close()
+                sock.close()  # in worker scope, leaves the worker's slot first (_WorkerListener)
             except OSError:
                 pass
+
+    # -- worker scope ---------------------------------------------------------------------
+    def open_worker(self, worker: "Worker") -> None:
+        """In a freshly forked worker (``post_fork``): register as a worker and take listeners of its own.
+
+        The master's listeners, inherited by the fork, are closed here: they are
+        never activated in worker scope.  Failing to reach the supervisor ends
+        the worker with status 1 (not gunicorn's boot error, which would halt
+        the master): gunicorn forks another.
+        """
+        client = InstanceClient(self.settings.role, self.settings.service, control=self.settings.control,
+                                name=f"gunicorn worker {worker.age}", parent=self._owner,
+                                connect_timeout=min(WORKER_CONNECT_TIMEOUT, self.settings.connect_timeout),
+                                stop_timeout=WORKER_STOP_TIMEOUT)
+        try:
+            socks = client.open()
+        except (ReuseportStandbyError, OSError) as exc:
+            worker.log.error("reuseport-standby: worker %d got no listeners of its own: %s", os.getpid(), exc)
+            time.sleep(1.0)  # gunicorn forks a replacement at once: do not spin
+            raise SystemExit(1) from None
+        for inherited in worker.sockets:
+            inherited.close()
+        worker.sockets = [_WorkerListener.wrap(sock, worker, client) for sock in socks]
+        self.worker_client = client
+
+    def _activate_worker(self, worker: "Worker", client: InstanceClient) -> None:
+        """The worker's first heartbeat (it serves): put its own listeners into slots."""
+        try:
+            reply = client.ready()
+        except (ReuseportStandbyError, OSError, RuntimeError) as exc:
+            if client.state != "stopped":
+                worker.log.error("reuseport-standby: worker %d was not activated (%s); it exits, and gunicorn "
+                                 "forks another", os.getpid(), exc)
+            worker.alive = False
+            return
+        worker.log.debug("reuseport-standby: worker %d active in slots %s", os.getpid(), reply.get("slots"))
 
     def _after_fork_in_child(self) -> None:
         if self._ready_r >= 0:
@@ -296,6 +391,82 @@ def current() -> GunicornInstance:
 def _after_fork_in_child() -> None:
     if _current is not None:
         _current._after_fork_in_child()
+
+
+def _leave_when_exiting(worker: "Worker", client: InstanceClient) -> None:
+    """Leave the worker's slots the moment it begins to exit.
+
+    Every gunicorn worker says so by setting ``alive`` to false: on SIGTERM,
+    SIGQUIT or SIGINT (in the signal handler), and when ``max_requests`` is
+    reached.  The worker's class is swapped for a subclass whose ``alive``
+    setter starts the ``stop()`` in a thread (never blocking a signal handler
+    on I/O); closing the listeners (``release``) waits for it, so the worker
+    has left its slots before its queue migrates.
+    """
+    started = threading.Event()
+
+    def leave() -> None:
+        if not started.is_set():
+            started.set()
+            threading.Thread(target=client.stop, name="reuseport-standby-leave", daemon=True).start()
+
+    base = type(worker)
+
+    class Leaving(base):  # type: ignore[misc, valid-type]
+        @property
+        def alive(self) -> bool:
+            return self.__dict__.get("_rs_alive", True)
+
+        @alive.setter
+        def alive(self, value: bool) -> None:
+            self.__dict__["_rs_alive"] = value
+            if not value:
+                leave()
+
+    Leaving.__name__ = Leaving.__qualname__ = base.__name__
+    worker.__dict__["_rs_alive"] = worker.__dict__.pop("alive", True)
+    worker.__class__ = Leaving
+
+
+def _listener_classes() -> tuple[type, type]:
+    from gunicorn.sock import TCP6Socket, TCPSocket
+
+    class Listener4(_WorkerListener, TCPSocket):
+        pass
+
+    class Listener6(_WorkerListener, TCP6Socket):
+        pass
+
+    return Listener4, Listener6
+
+
+class _WorkerListener:
+    """A worker's own listener, as gunicorn's workers take them (``gunicorn.sock.TCPSocket``).
+
+    ``close()`` leaves the worker's slots first: whichever code path closes
+    a listener (the sync worker's release, gthread's end of drain, uvicorn's
+    shutdown), the supervisor has stopped routing here before the queue
+    migrates to a sibling.
+    """
+
+    _rs_client: InstanceClient | None = None
+
+    @classmethod
+    def wrap(cls, sock: "socket.socket", worker: "Worker", client: InstanceClient) -> Any:
+        import socket as _socket
+
+        v4, v6 = _listener_classes()
+        kind = v6 if sock.family == _socket.AF_INET6 else v4
+        addr = sock.getsockname()[:2]
+        listener = kind(addr, worker.cfg, worker.log, fd=sock.detach())
+        listener._rs_client = client
+        return listener
+
+    def close(self) -> None:
+        client, self._rs_client = self._rs_client, None
+        if client is not None:
+            client.stop()
+        super().close()  # type: ignore[misc]
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -332,6 +503,13 @@ def on_starting(server: "Arbiter") -> None:
 
 
 @_hook
+def post_fork(server: "Arbiter", worker: "Worker") -> None:
+    """gunicorn hook (worker, just forked): in worker scope, listeners of the worker's own."""
+    if _current is not None and _current.worker_scope:
+        _current.open_worker(worker)
+
+
+@_hook
 def post_worker_init(worker: "Worker") -> None:
     """gunicorn hook (worker, app loaded, before its serving loop)."""
     if _current is None or _current._ready_w < 0:
@@ -349,8 +527,8 @@ def on_exit(server: "Arbiter") -> None:
         _current.close()
 
 
-HOOKS: dict[str, Callable[..., None]] = {"on_starting": on_starting, "post_worker_init": post_worker_init,
-                                          "on_exit": on_exit}
+HOOKS: dict[str, Callable[..., None]] = {"on_starting": on_starting, "post_fork": post_fork,
+                                          "post_worker_init": post_worker_init, "on_exit": on_exit}
 
 
 def _arity(fn: Callable[..., Any]) -> int:

@@ -14,6 +14,9 @@ LAYOUT_VERSION = 2
 SLOTS_PER_ROLE = 32
 PARKING_SLOT = SLOTS_PER_ROLE * 2
 NR_SLOTS = PARKING_SLOT + 1
+#: Worker scope (one slot per worker): two instances of a role overlap during a
+#: rolling restart, so each may have at most half of its role's slots.
+WORKERS_PER_INSTANCE = SLOTS_PER_ROLE // 2
 
 
 class Role(str, enum.Enum):

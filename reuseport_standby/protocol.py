@@ -28,6 +28,8 @@ CONTROL_DIR = "/run/reuseport-standby"
 SERVICE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 OPS = ("hello", "ready", "stop", "readopt", "status", "ping", "heartbeat", "weight", "promote", "drain", "undrain")
+#: socket scopes: one set of listeners per instance, or one per worker process
+SCOPES = ("instance", "worker")
 #: operations that act on the service as a whole (operator commands), not on the caller's instance
 ADMIN_OPS = ("weight", "promote", "drain", "undrain")
 
@@ -58,6 +60,10 @@ class Request:
     nfds: int = 0
     heartbeat: float | None = None  # seconds between the instance's heartbeats, if it sends them
     standby_weight: int | None = None
+    #: worker scope: the pid of the instance (a gunicorn master, a uvicorn main process) this worker belongs to
+    parent: int | None = None
+    #: "worker" for an instance whose workers register on their own (its own sockets are never activated)
+    scope: str = "instance"
     fields: dict[str, Any] = field(default_factory=dict)
 
 
@@ -98,6 +104,12 @@ def parse_request(raw: bytes, nfds: int = 0) -> Request:
     if heartbeat is not None and (isinstance(heartbeat, bool) or not isinstance(heartbeat, (int, float))
                                   or not 0.05 <= heartbeat <= 60):
         raise ProtocolError("malformed", f"'heartbeat' must be a number of seconds from 0.05 to 60, got {heartbeat!r}")
+    parent = msg.get("parent")
+    if parent is not None and (not isinstance(parent, int) or isinstance(parent, bool) or not 0 < parent < 2**31):
+        raise ProtocolError("bad_pid", f"'parent' must be the pid of the instance this worker belongs to, got {parent!r}")
+    scope = msg.get("scope", "instance")
+    if scope not in SCOPES:
+        raise ProtocolError("malformed", f"'scope' must be one of {', '.join(SCOPES)}, got {scope!r}")
     weight = None
     if op == "weight":
         weight = msg.get("standby")
@@ -109,7 +121,8 @@ def parse_request(raw: bytes, nfds: int = 0) -> Request:
     if expects_fds and nfds == 0:
         raise ProtocolError("missing_fds", "'readopt' must carry the instance's listening sockets")
     return Request(op=op, role=role, pid=pid, active=active, name=name, nfds=nfds,
-                   heartbeat=float(heartbeat) if heartbeat is not None else None, standby_weight=weight, fields=msg)
+                   heartbeat=float(heartbeat) if heartbeat is not None else None, standby_weight=weight,
+                   parent=parent, scope=scope, fields=msg)
 
 
 def encode(msg: dict[str, Any]) -> bytes:

@@ -42,12 +42,26 @@ def render(st: dict[str, Any]) -> str:
         lines.append(f"  supervisor pid {sup['pid']}, up {sup['uptime_s']} s, control {sup['control']}")
     else:
         lines.append(f"  supervisor NOT RUNNING ({st.get('supervisor_error')}); state read from pins")
-    for inst in st.get("instances", []):
-        slots = ", ".join(f"{a} slot {s}" for a, s in inst["slots"].items()) or "no slots"
-        queues = ", ".join(f"{a} queue {q['queued']}" for a, q in inst["queues"].items())
-        lines.append(f"  instance {inst['id']}: {inst['role']} pid {inst['pid']} {inst['state']} ({slots}; {queues})"
-                     + (f" [{inst['name']}]" if inst.get("name") else "")
-                     + (f" demoted: {inst['demoted_for']}" if inst.get("demoted_for") else ""))
+    instances = st.get("instances", [])
+    heads = {i["pid"] for i in instances if i.get("scope") == "worker"}
+    workers: dict[int, list[dict[str, Any]]] = {}
+    for inst in instances:
+        if inst.get("parent") in heads:
+            workers.setdefault(inst["parent"], []).append(inst)
+    for inst in instances:
+        if inst.get("parent") in heads:
+            continue  # listed under its instance
+        if inst.get("scope") == "worker":
+            mine = workers.get(inst["pid"], [])
+            active = sum(1 for w in mine if w["state"] == "active")
+            lines.append(f"  instance {inst['id']}: {inst['role']} pid {inst['pid']} {inst['state']}"
+                         f" (worker scope: {active} of {len(mine)} worker(s) active)"
+                         + (f" [{inst['name']}]" if inst.get("name") else ""))
+            for w in mine:
+                lines.append("    worker " + _instance_line(w, with_role=False))
+        else:
+            lines.append("  instance " + _instance_line(inst)
+                         + (f" (worker of pid {inst['parent']})" if inst.get("parent") else ""))
     for a in st["addresses"]:
         park = a["parking"]
         lines.append(f"  {a['address']}  mode {a['mode']}  prog {a['prog_id']}  standby weight {a['standby_weight']}%"
@@ -60,6 +74,15 @@ def render(st: dict[str, Any]) -> str:
         counters = "  ".join(f"{k}={v}" for k, v in a["counters"].items())
         lines.append(f"    counters: {counters}")
     return "\n".join(lines)
+
+
+def _instance_line(inst: dict[str, Any], with_role: bool = True) -> str:
+    slots = ", ".join(f"{a} slot {s}" for a, s in inst["slots"].items()) or "no slots"
+    queues = ", ".join(f"{a} queue {q['queued']}" for a, q in inst["queues"].items())
+    role = f"{inst['role']} " if with_role else ""
+    return (f"{inst['id']}: {role}pid {inst['pid']} {inst['state']} ({slots}; {queues})"
+            + (f" [{inst['name']}]" if inst.get("name") else "")
+            + (f" demoted: {inst['demoted_for']}" if inst.get("demoted_for") else ""))
 
 
 def dumps(st: dict[str, Any]) -> str:

@@ -17,6 +17,7 @@ reconnect and re-announce their sockets (``readopt``).
 from __future__ import annotations
 
 import grp
+import ipaddress
 import itertools
 import logging
 import os
@@ -63,9 +64,12 @@ class Instance:
     demotions: int = 0
     demoted_for: str = ""
     progress: dict[Address, "Progress"] = field(default_factory=dict)
+    scope: str = "instance"              # "worker": its workers register on their own; its sockets stay pending
+    parent: int | None = None            # a worker's: the pid of the instance it belongs to
 
     def describe(self) -> str:
-        return f"instance {self.id} ({self.role.value if self.role else '?'}, pid {self.pid}{', ' + self.name if self.name else ''})"
+        what = "worker of pid %d, " % self.parent if self.parent is not None else ""
+        return f"instance {self.id} ({self.role.value if self.role else '?'}, {what}pid {self.pid}{', ' + self.name if self.name else ''})"
 
 
 @dataclass
@@ -225,7 +229,7 @@ class Supervisor:
             os.umask(old_umask)
         os.chmod(path, 0o660)
         if self.gid is not None:
-            os.chown(path, -1, self.gid)
+            _give_to_group(path, self.gid, self.group_name)
         server.listen(64)
         server.setblocking(False)
         return server
@@ -298,7 +302,7 @@ class Supervisor:
         except BlockingIOError:
             return
         pid, uid, gid = _peercred(conn)
-        refusal = self._refusal(pid, uid)
+        refusal = self._refusal(conn, pid, uid, gid)
         if refusal:
             log.warning("refused control connection from pid %d uid %d: %s", pid, uid, refusal)
             try:
@@ -311,10 +315,10 @@ class Supervisor:
         self.instances[conn.fileno()] = inst
         self._sel.register(conn, selectors.EVENT_READ, ("conn", inst))
 
-    def _refusal(self, pid: int, uid: int) -> str | None:
+    def _refusal(self, conn: socket.socket, pid: int, uid: int, gid: int) -> str | None:
         if uid == 0 or uid == os.geteuid():
             return None
-        if self.gid is not None and self.gid in _process_groups(pid):
+        if self.gid is not None and self.gid in _peer_groups(conn, pid, gid):
             return None
         who = f"uid {uid}"
         group = f"group {self.group_name!r}" if self.group_name else "the supervisor's --group (none set)"
@@ -381,8 +385,10 @@ class Supervisor:
         if inst.role is not None:
             raise ProtocolError("already_registered", f"this connection is already {inst.describe()}")
         assert req.role is not None and req.pid is not None
-        self._check_room(req.role)
-        inst.role, inst.name, inst.heartbeat = req.role, req.name, req.heartbeat
+        role = self._role_of_worker(req) or req.role
+        self._check_room(role)
+        inst.role, inst.name, inst.heartbeat = role, req.name, req.heartbeat
+        inst.scope, inst.parent = req.scope, req.parent
         if req.pid != inst.pid:
             log.debug("instance %d says pid %d; the kernel says %d", inst.id, req.pid, inst.pid)
         created: list[socket.socket] = []
@@ -401,6 +407,34 @@ class Supervisor:
         return ({"ok": True, "instance": inst.id, "addresses": [str(a) for a in self.addresses],
                  "backlog": self.backlog, "cookies": [inst.cookies[a] for a in self.addresses]},
                 [s.fileno() for s in created])
+
+    # -- worker scope: an instance whose workers are instances of their own ----------------------
+    def _head(self, worker: Instance) -> Instance | None:
+        """The instance a worker belongs to (matched by pid: it survives a supervisor restart)."""
+        if worker.parent is None:
+            return None
+        return next((i for i in self.instances.values() if i.pid == worker.parent and i.parent is None
+                     and i.role is not None), None)
+
+    def _workers(self, head: Instance) -> list[Instance]:
+        return [i for i in self.instances.values() if i.parent == head.pid and i is not head]
+
+    def _role_of_worker(self, req: protocol.Request) -> Role | None:
+        """A worker serves its instance's role, which a promote may have swapped since that instance started."""
+        if req.parent is None:
+            return None
+        head = next((i for i in self.instances.values() if i.pid == req.parent and i.parent is None
+                     and i.role is not None), None)
+        return head.role if head is not None else None
+
+    def _sync_head(self, head: Instance | None) -> None:
+        """A worker-scope instance is active while any of its workers is (it holds no slot itself)."""
+        if head is None or head.scope != "worker" or head.state not in (PENDING, ACTIVE):
+            return
+        state = ACTIVE if any(w.state == ACTIVE for w in self._workers(head)) else PENDING
+        if state != head.state:
+            head.state = state
+            log.info("%s %s (through its workers)", head.describe(), "active" if state == ACTIVE else "has no active worker")
 
     def _range(self, role: Role) -> range:
         """Physical slots of a role: after a promote, the roles' ranges are swapped."""
@@ -424,6 +458,9 @@ class Supervisor:
         if not inst.pending:
             raise ProtocolError("no_sockets", "this instance holds no sockets the supervisor can activate "
                                 "(after 'stop' an instance must reconnect to serve again)")
+        head = self._head(inst)
+        if head is not None and head.state == DRAINING:
+            raise ProtocolError("draining", f"{head.describe()}, which this worker belongs to, is stopping")
         for address, sock in inst.pending.items():
             if not is_listening_tcp(sock):
                 raise ProtocolError("not_listening", f"the {address} socket no longer listens")
@@ -447,6 +484,9 @@ class Supervisor:
             self._update_spans(st.group)
             self._release_parked(st)
         log.info("%s active in slots %s", inst.describe(), {str(a): s for a, s in chosen.items()})
+        if head is not None and head.state in (DRAINED, DEMOTED):
+            self._disable(inst, DRAINED)  # a worker of a drained instance (e.g. recycled) joins drained
+        self._sync_head(head)
         return {"ok": True, "state": inst.state, "slots": {str(a): s for a, s in chosen.items()}}
 
     def _free_slot(self, st: AddressState, role: Role) -> int:
@@ -469,6 +509,15 @@ class Supervisor:
         inst.slots = {}
         inst.state = new_state
         self._close_pending(inst)
+        if inst.scope == "worker":
+            # The instance stops (or its process died): all its workers leave at once, as one
+            # instance-scope listener would; each then closes its own, and its queue migrates.
+            workers = [w for w in self._workers(inst) if w.state != DRAINING]
+            for worker in workers:
+                self._deactivate(worker, DRAINING)
+            if workers:
+                log.info("%s: its %d worker(s) left the traffic with it (%s)", inst.describe(), len(workers), new_state)
+        self._sync_head(self._head(inst))
 
     def _readopt(self, inst: Instance, req: protocol.Request, socks: list[socket.socket]) -> dict[str, Any]:
         """An instance that outlived a supervisor comes back with its sockets."""
@@ -482,9 +531,11 @@ class Supervisor:
             if not is_listening_tcp(sock):
                 raise ProtocolError("not_listening", f"the socket sent for {address} is not a listening TCP socket")
             local = sock.getsockname()
-            if local[1] != address.port or sock.family != address.family:
+            if (local[1] != address.port or sock.family != address.family
+                    or ipaddress.ip_address(local[0]) != ipaddress.ip_address(address.host)):
                 raise ProtocolError("address_mismatch", f"the socket sent for {address} is bound to {local[0]}:{local[1]}")
-        inst.role, inst.name, inst.heartbeat = req.role, req.name, req.heartbeat
+        inst.role, inst.name, inst.heartbeat = self._role_of_worker(req) or req.role, req.name, req.heartbeat
+        inst.scope, inst.parent = req.scope, req.parent
         for address, sock in zip(self.addresses, socks):
             inst.cookies[address] = socket_cookie(sock)
         if req.active:
@@ -512,6 +563,7 @@ class Supervisor:
             for address, sock in zip(self.addresses, socks):
                 inst.pending[address] = socket.socket(fileno=os.dup(sock.fileno()))
             inst.state = PENDING
+        self._sync_head(inst if inst.scope == "worker" else self._head(inst))
         log.info("re-adopted %s (%s)", inst.describe(), inst.state)
         return {"ok": True, "instance": inst.id, "state": inst.state,
                 "slots": {str(a): s for a, s in inst.slots.items()}}
@@ -592,11 +644,17 @@ class Supervisor:
         if req.op == "promote":
             return self._promote(caller)
         assert req.role is not None
+        # Worker-scope instances hold no slot themselves: their state says whether workers that
+        # activate later (recycled, added) join drained.
+        heads = [i for i in self.instances.values() if i.role is req.role and i.scope == "worker"]
         targets = [i for i in self.instances.values() if i.role is req.role and i.slots]
         if req.op == "drain":
             targets = [i for i in targets if i.state == ACTIVE]
             if not targets:
                 raise ProtocolError("no_instance", f"no active {req.role.value} instance to drain")
+            for head in heads:
+                if head.state == ACTIVE:
+                    head.state = DRAINED
             for inst in targets:
                 self._disable(inst, DRAINED)
                 log.info("%s drained by pid %d", inst.describe(), caller.pid)
@@ -604,6 +662,9 @@ class Supervisor:
             targets = [i for i in targets if i.state in (DRAINED, DEMOTED)]
             if not targets:
                 raise ProtocolError("no_instance", f"no drained {req.role.value} instance to undrain")
+            for head in heads:
+                if head.state == DRAINED:
+                    head.state = PENDING
             for inst in targets:
                 self._enable(inst)
                 log.info("%s undrained by pid %d", inst.describe(), caller.pid)
@@ -629,12 +690,14 @@ class Supervisor:
         for address, slot in inst.slots.items():
             self._set_disabled(self.states[address].group, [slot], True)
         inst.state = state
+        self._sync_head(self._head(inst))
 
     def _enable(self, inst: Instance) -> None:
         for address, slot in inst.slots.items():
             self._set_disabled(self.states[address].group, [slot], False)
         inst.state = ACTIVE
         self._start_progress(inst)
+        self._sync_head(self._head(inst))
 
     # -- health: hung instances ------------------------------------------------------------
     def _start_progress(self, inst: Instance) -> None:
@@ -684,11 +747,17 @@ class Supervisor:
         if self.on_hang in ("term", "kill"):
             sig = signal.SIGTERM if self.on_hang == "term" else signal.SIGKILL
             log.warning("%s: --on-hang=%s: sending %s", inst.describe(), self.on_hang, sig.name)
+            if inst.pid <= 0:  # a peer in a PID namespace we cannot see: kill(0) would hit our own group
+                log.warning("%s: its pid is not visible here; not signalling it", inst.describe())
+                return
             for pid in [inst.pid, *_children(inst.pid)]:
                 try:
                     os.kill(pid, sig)
-                except (ProcessLookupError, PermissionError):
+                except ProcessLookupError:
                     pass
+                except PermissionError:
+                    log.warning("%s: no permission to send %s to pid %d (another uid needs CAP_KILL)",
+                                inst.describe(), sig.name, pid)
 
     def _hand_over_queue(self, inst: Instance, address: Address, slot: int, q: diag.ListenerQueue | None) -> None:
         """Move what waits in a demoted instance's queue to the other instance.
@@ -764,7 +833,7 @@ class Supervisor:
             "addresses": addresses,
             "instances": [
                 {"id": i.id, "role": i.role.value if i.role else None, "pid": i.pid, "uid": i.uid, "name": i.name,
-                 "state": i.state, "since": round(i.since, 3),
+                 "state": i.state, "since": round(i.since, 3), "scope": i.scope, "parent": i.parent,
                  "slots": {str(a): s for a, s in i.slots.items()},
                  "queues": {str(a): _queue_dict(queues.get(c)) for a, c in i.cookies.items()},
                  "heartbeat_age_s": round(now - i.last_heartbeat, 2) if i.heartbeat else None,
@@ -849,6 +918,40 @@ def _peercred(conn: socket.socket) -> tuple[int, int, int]:
     raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
     return pid, uid, gid
+
+
+SO_PEERGROUPS = 59
+
+
+def _peer_groups(conn: socket.socket, pid: int, gid: int) -> set[int]:
+    """The peer's groups as the kernel recorded them at connect (SO_PEERGROUPS, Linux 4.13+).
+
+    Unlike /proc/PID, this works for a peer in a PID namespace we cannot see
+    (a sibling container), whose pid reads as 0."""
+    import struct
+
+    groups = {gid}
+    size = 4 * 64
+    for _ in range(3):
+        try:
+            raw = conn.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+        except OSError as exc:
+            if exc.errno == 34:  # ERANGE: more groups than room
+                size *= 4
+                continue
+            return groups | _process_groups(pid)
+        return groups | set(struct.unpack(f"{len(raw) // 4}I", raw))
+    return groups | _process_groups(pid)
+
+
+def _give_to_group(path: str | Path, gid: int, name: str | None) -> None:
+    try:
+        os.chown(path, -1, gid)
+    except PermissionError:
+        raise ReuseportStandbyError(
+            f"cannot give {path} to group {name or gid}: without CAP_CHOWN the supervisor can only hand files to "
+            f"a group it belongs to. Add it to the group (systemd: SupplementaryGroups={name or gid}; Kubernetes: "
+            f"fsGroup) or drop --group") from None
 
 
 def _process_groups(pid: int) -> set[int]:

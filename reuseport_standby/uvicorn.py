@@ -30,6 +30,18 @@ given to uvicorn (:class:`StandbyConfig`) therefore wraps the HTTP protocol
 so that shutdown waits up to ``FIRST_REQUEST_GRACE`` for such a connection's
 first bytes, and serves that request before closing.
 
+**Worker scope** (``scope="worker"``, ``--scope worker``,
+``REUSEPORT_STANDBY_SCOPE=worker``; with ``workers > 1``): every worker
+registers with the supervisor on its own and serves listeners of its own.
+uvicorn's multiprocess supervisor pickles one socket list to every worker
+it spawns (at start, at a restart, for TTIN); in worker scope that list is a
+ticket (:class:`WorkerSockets`) which, unpickled in the new worker, registers
+it (parent: the main process) and becomes that worker's own listeners.  The
+worker's first tick activates its slot; the first close of its listener
+(uvicorn's shutdown, for whatever reason it stops) leaves its slot first, and
+what is queued migrates to a sibling.  The main process keeps its own
+registration, never activated, whose stop takes every worker out at once.
+
 uvicorn is imported here only; the rest of the package does not need it.
 """
 
@@ -48,7 +60,7 @@ import time
 from collections.abc import Awaitable, Callable
 from multiprocessing.connection import Connection
 from types import FrameType
-from typing import Any
+from typing import Any, NamedTuple
 
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
@@ -57,7 +69,7 @@ from uvicorn.supervisors import Multiprocess
 from . import protocol
 from .client import InstanceClient
 from .errors import ReuseportStandbyError
-from .layout import Role
+from .layout import WORKERS_PER_INSTANCE, Role
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +107,7 @@ def run(
     service: str | None = None,
     control: str | None = None,
     app_dir: str | None = None,
+    scope: str | None = None,
     **config: Any,
 ) -> int:
     """Serve ``app`` as this service's ``role`` instance until SIGTERM/SIGINT; return an exit status.
@@ -103,7 +116,9 @@ def run(
     ``lifespan``, ``timeout_graceful_shutdown``...) except the ones the
     supervisor owns (see ``REFUSED``).  ``role`` and ``service`` default to
     ``$REUSEPORT_STANDBY_ROLE`` and ``$REUSEPORT_STANDBY_SERVICE``;
-    ``control`` to ``$REUSEPORT_STANDBY_CONTROL``.  Returns 0 after a clean
+    ``control`` to ``$REUSEPORT_STANDBY_CONTROL``; ``scope`` (``"instance"`` or
+    ``"worker"``: listeners of its own for every worker) to
+    ``$REUSEPORT_STANDBY_SCOPE``, else ``"instance"``.  Returns 0 after a clean
     stop, 1 if the supervisor refused to activate the instance, and 3
     (uvicorn's startup failure) if the app never started serving.
     """
@@ -118,20 +133,25 @@ def run(
     if cfg.workers > 1 and not isinstance(app, str):
         raise ValueError("workers > 1 needs the application as an import string ('module:attribute'): "
                          "every worker process imports it itself")
+    the_scope = resolve_scope(scope, cfg.workers)
 
-    client = InstanceClient(the_role, the_service, control=control, name=_instance_name(app, cfg.workers))
+    client = InstanceClient(the_role, the_service, control=control, name=_instance_name(app, cfg.workers),
+                            scope=the_scope)
     sockets = client.open()
     try:
         if client.backlog is not None:
             cfg.backlog = client.backlog  # uvicorn calls listen() again with it: keep the supervisor's
         reader, writer = multiprocessing.get_context("spawn").Pipe(duplex=False)
         cfg.callback_notify = ServingNotice(writer, user_notify)
-        activation = Activation(client)
+        activation = Activation(client, per_worker=the_scope == "worker")
         relay = threading.Thread(target=_relay, args=(reader, activation), name="reuseport-standby-ready", daemon=True)
         relay.start()
         try:
             if cfg.workers > 1:
-                status = _run_workers(cfg, sockets, activation)
+                given = sockets
+                if the_scope == "worker":
+                    given = WorkerSockets(_WorkerSpec(the_role.value, the_service, client.control_path, os.getpid()))
+                status = _run_workers(cfg, given, activation)
             else:
                 status = _run_single(cfg, sockets, activation)
         finally:
@@ -151,6 +171,21 @@ def check_options(config: dict[str, Any]) -> None:
         value = config.get(name)
         if value is not None and value is not False:
             raise ValueError(f"uvicorn option '{name}' is not allowed here: {why}")
+
+
+def resolve_scope(scope: str | None, workers: int) -> str:
+    value = scope or os.environ.get("REUSEPORT_STANDBY_SCOPE") or "instance"
+    if value not in protocol.SCOPES:
+        raise ValueError(f"scope must be 'instance' or 'worker', not {value!r}")
+    if value == "worker":
+        if workers > WORKERS_PER_INSTANCE:
+            raise ValueError(f"worker scope gives every worker a slot of its own, and an instance may have at most "
+                             f"{WORKERS_PER_INSTANCE} (two instances of a role overlap during a restart): "
+                             f"--workers {workers} is too many")
+        if workers <= 1:
+            log.info("worker scope with a single process is the instance scope")
+            return "instance"
+    return value
 
 
 def resolve_role(role: Role | str | None) -> Role:
@@ -242,6 +277,8 @@ class ServingNotice:
     async def __call__(self) -> None:
         if not self.sent:
             self.sent = True
+            if _worker_client is not None:  # worker scope: this worker activates its own listeners
+                await asyncio.get_running_loop().run_in_executor(None, _activate_worker, _worker_client)
             try:
                 self.conn.send(os.getpid())  # a few bytes: one atomic pipe write
             except OSError as exc:
@@ -253,8 +290,9 @@ class ServingNotice:
 class Activation:
     """Turns "a server is serving" and "we are stopping" into ready and stop, once each, in that order."""
 
-    def __init__(self, client: InstanceClient) -> None:
+    def __init__(self, client: InstanceClient, per_worker: bool = False) -> None:
         self.client = client
+        self.per_worker = per_worker  # worker scope: each worker activates itself; this client never does
         self.active = threading.Event()
         self.failed: BaseException | None = None
         self.on_failure: Callable[[], None] = lambda: None
@@ -265,8 +303,9 @@ class Activation:
         with self._lock:
             if self._stopping or self.failed is not None:
                 return
-            if self.active.is_set():
-                log.info("uvicorn process [%d] serving", pid)
+            if self.active.is_set() or self.per_worker:
+                self.active.set()
+                log.info("uvicorn process [%d] serving%s", pid, " its own listeners" if self.per_worker else "")
                 return
             try:
                 self.client.ready()
@@ -352,6 +391,81 @@ class _DrainingMultiprocess(Multiprocess):
         super().terminate_all()
         for sock in self.sockets:
             sock.close()
+
+    def handle_ttin(self) -> None:
+        if isinstance(self.sockets, WorkerSockets) and self.processes_num >= WORKERS_PER_INSTANCE:
+            log.error("SIGTTIN ignored: in worker scope an instance has at most %d workers (one slot each)",
+                      WORKERS_PER_INSTANCE)
+            return
+        super().handle_ttin()
+
+
+# -- worker scope ------------------------------------------------------------------------------
+
+_worker_client: InstanceClient | None = None  # in a worker-scope worker: its own registration
+
+WORKER_STOP_TIMEOUT = 2.0
+
+
+class _WorkerSpec(NamedTuple):
+    role: str
+    service: str
+    control: str
+    parent: int
+
+
+class WorkerSockets(list):  # type: ignore[type-arg]
+    """In worker scope, what uvicorn's multiprocess supervisor hands every worker it spawns.
+
+    Empty in the main process.  Pickled into a worker (spawn), it unpickles as
+    that worker's own listeners: the worker registers with the supervisor
+    (``parent``: the main process) and receives them.
+    """
+
+    def __init__(self, spec: _WorkerSpec) -> None:
+        super().__init__()
+        self.spec = spec
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_open_worker_sockets, (self.spec,))
+
+
+class _WorkerListener(socket.socket):
+    """A worker's own listener: its first ``close()`` leaves the worker's slots before the socket closes."""
+
+    _rs_client: InstanceClient | None = None
+
+    def close(self) -> None:
+        client, self._rs_client = self._rs_client, None
+        if client is not None:
+            client.stop()
+        super().close()
+
+
+def _open_worker_sockets(spec: _WorkerSpec) -> list[socket.socket]:
+    """In a freshly spawned worker: register and take listeners of its own."""
+    global _worker_client
+    client = InstanceClient(spec.role, spec.service, control=spec.control, name="uvicorn worker",
+                            parent=spec.parent, connect_timeout=10.0, stop_timeout=WORKER_STOP_TIMEOUT)
+    socks = client.open()
+    own: list[socket.socket] = []
+    for sock in socks:
+        listener = _WorkerListener(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        listener._rs_client = client
+        own.append(listener)
+    _worker_client = client
+    return own
+
+
+def _activate_worker(client: InstanceClient) -> None:
+    try:
+        client.ready()
+    except (ReuseportStandbyError, OSError, RuntimeError) as exc:
+        if client.state == "stopped":
+            return
+        log.error("uvicorn worker [%d] was not activated (%s); it stops, and uvicorn starts another",
+                  os.getpid(), exc)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _run_single(cfg: StandbyConfig, sockets: list[socket.socket], activation: Activation) -> int:

@@ -13,10 +13,12 @@ from __future__ import annotations
 import argparse
 import copy
 import signal
+import sys
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from . import protocol
+from .layout import WORKERS_PER_INSTANCE
 
 if TYPE_CHECKING:
     import click
@@ -51,6 +53,7 @@ def command(args: argparse.Namespace) -> int:
         ctx = cmd.make_context(PROG, list(args.uvicorn_args))
         with ctx:
             role, service, control, app, kwargs = config_from_context(ctx)
+            scope = ctx.params.get("scope")
     except click.exceptions.Exit as exc:  # --help, --version
         return exc.exit_code
     except click.ClickException as exc:
@@ -63,7 +66,12 @@ def command(args: argparse.Namespace) -> int:
     # re-raises it once drained; ending with status 0 then (and before uvicorn
     # takes over) runs the cleanup that the default action would skip.
     signal.signal(signal.SIGTERM, _terminated)
-    return run(app, role=role, service=service, control=control, **kwargs)
+    if scope == "worker" and (kwargs.get("workers") or 1) > WORKERS_PER_INSTANCE:
+        print(f"{PROG}: --scope worker gives every worker a slot of its own, and an instance may have at most "
+              f"{WORKERS_PER_INSTANCE} workers (two instances of a role overlap during a restart): "
+              f"--workers {kwargs['workers']} is too many", file=sys.stderr)
+        return EXIT_USAGE
+    return run(app, role=role, service=service, control=control, scope=scope, **kwargs)
 
 
 def _terminated(signum: int, frame: FrameType | None) -> None:
@@ -94,6 +102,10 @@ def _click_command() -> click.Command:
         click.Option(["--control"], envvar="REUSEPORT_STANDBY_CONTROL", default=None,
                      help="Supervisor's control socket (default /run/reuseport-standby/SERVICE.sock). "
                           "[env: REUSEPORT_STANDBY_CONTROL]"),
+        click.Option(["--scope"], type=click.Choice(list(protocol.SCOPES)), envvar="REUSEPORT_STANDBY_SCOPE",
+                     default="instance", show_default=True,
+                     help="instance: the workers share this instance's listeners; worker: every worker gets "
+                          f"listeners of its own (at most {WORKERS_PER_INSTANCE} workers). [env: REUSEPORT_STANDBY_SCOPE]"),
     ]
     theirs = []
     for param in uvicorn_main.params:
@@ -126,6 +138,7 @@ def config_from_context(ctx: click.Context) -> tuple[str, str, str | None, str, 
             raise click.UsageError(f"{opt} cannot be used here{where}: {why}.", ctx)
     params = dict(ctx.params)
     role, service, control, app = params.pop("role"), params.pop("service"), params.pop("control"), params.pop("app")
+    params.pop("scope", None)
     for name in REFUSED:
         params.pop(name, None)
     params["log_config"] = LOGGING_CONFIG if params["log_config"] is None else params["log_config"]

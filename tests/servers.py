@@ -6,10 +6,12 @@ from __future__ import annotations
 import http.client
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -393,19 +395,23 @@ def freeze_kill_traced(
     port: int,
     times: int = 5,
     freeze: float = 0.3,
+    probes: int = 4,
     concurrency: int = 8,
     settle: float = 0.4,
     max_seconds: float = 120.0,
-) -> TracedReport:
+) -> tuple[TracedReport, Counter[str]]:
     """A primary that hangs (SIGSTOP to its whole group) and is then SIGKILLed, under a bounded load.
 
     The step's time is that of the SIGSTOP: a request sent after it cannot
     have been accepted by the frozen processes, so ``after_signal(step)``
-    are exactly the failures of requests that only sat in the dead
-    primary's queue.  A new primary is started after each kill; the last one
-    is stopped at the end.
+    are failures of requests that only sat in the dead primary's queue.  As
+    the load's clients mostly wait on requests the frozen primary holds,
+    each freeze also sends ``probes`` requests of its own into the queue;
+    their outcomes ("ok" or a failure kind) are the second result.  A new
+    primary is started after each kill; the last one is stopped at the end.
     """
     steps: list[Step] = []
+    outcomes: Counter[str] = Counter()
     before = migrate_counters()
     load = Load(host, port, concurrency=concurrency, duration=max_seconds).start()
     try:
@@ -414,8 +420,14 @@ def freeze_kill_traced(
             assert primary.proc is not None
             steps.append(Step("freeze_kill", time.monotonic()))
             os.killpg(primary.proc.pid, signal.SIGSTOP)
+            queued = []
+            for _ in range(probes):
+                s = socket.create_connection((host, port), timeout=10)
+                s.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+                queued.append(s)
             time.sleep(freeze)
             primary.kill_group()
+            outcomes.update(_response_kind(s) for s in queued)
             time.sleep(settle / 2)
             primary = make_primary().start().wait_active()
             time.sleep(settle)
@@ -423,4 +435,21 @@ def freeze_kill_traced(
         result = load.stop()
         primary.stop()
     after = migrate_counters()
-    return TracedReport(result, steps, {k: after[k] - before.get(k, 0) for k in after})
+    return TracedReport(result, steps, {k: after[k] - before.get(k, 0) for k in after}), outcomes
+
+
+def _response_kind(s: socket.socket) -> str:
+    """Read one response to EOF and close: "ok" for a 200, else what went wrong."""
+    data = b""
+    try:
+        with s:
+            while chunk := s.recv(65536):
+                data += chunk
+    except ConnectionResetError:
+        return "reset"
+    except OSError as exc:
+        return type(exc).__name__
+    if not data:
+        return "eof"
+    status = data.split(b"\r\n", 1)[0].split()
+    return "ok" if len(status) > 1 and status[1] == b"200" else f"http_{status[1].decode() if len(status) > 1 else '?'}"
