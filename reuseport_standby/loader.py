@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import libbpf as _libbpf
 from .errors import BpfUnavailable, IncompatiblePins, PermissionProblem
-from .layout import CONFIG_SIZE, LAYOUT_VERSION, NR_COUNTERS, NR_SLOTS, Config, Counter
+from .layout import CONFIG_SIZE, LAYOUT_VERSION, NR_SLOTS, Config, Counter
 
 log = logging.getLogger(__name__)
 

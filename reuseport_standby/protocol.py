@@ -16,7 +16,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ProtocolError
+from .errors import ProtocolError, ReuseportStandbyError
 from .layout import Role
 
 VERSION = 1
@@ -158,6 +158,35 @@ def recv(sock: socket.socket) -> tuple[bytes, list[int], bool]:
             fds.frombytes(cdata[: len(cdata) - (len(cdata) % fds.itemsize)])
     truncated = bool(flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC)) or len(data) > MAX_MESSAGE
     return data, list(fds), truncated
+
+
+def listen_unix(path: str, what: str, backlog: int = 64) -> socket.socket:
+    """A non-blocking SOCK_SEQPACKET server at ``path``, mode 0660.
+
+    A socket file nobody listens on (left by a crash) is replaced; one that
+    answers belongs to a running ``what`` and is refused.
+    """
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale
+        else:
+            raise ReuseportStandbyError(f"another {what} already serves {path}; stop it first or pass another --control path")
+        finally:
+            probe.close()
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    old_umask = os.umask(0o117)
+    try:
+        server.bind(path)
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o660)
+    server.listen(backlog)
+    server.setblocking(False)
+    return server
 
 
 def parse_reply(raw: bytes) -> dict[str, Any]:

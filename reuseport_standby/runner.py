@@ -269,19 +269,8 @@ class Runner:
 
     # -- control socket for `reuseport-standby reload` ------------------------------------------
     def _bind_run_socket(self) -> None:
-        path = self.run_path
-        if os.path.exists(path):
-            os.unlink(path)
-        srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        old = os.umask(0o117)
-        try:
-            srv.bind(path)
-        finally:
-            os.umask(old)
-        srv.listen(8)
-        srv.setblocking(False)
-        self._server = srv
-        self._sel.register(srv, selectors.EVENT_READ, "run")
+        self._server = protocol.listen_unix(self.run_path, "'reuseport-standby run'", backlog=8)
+        self._sel.register(self._server, selectors.EVENT_READ, "run")
 
     def _serve_reload(self, conn: socket.socket) -> None:
         def work() -> None:

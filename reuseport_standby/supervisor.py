@@ -31,7 +31,7 @@ from typing import Any
 
 from . import diag, pidfd, protocol
 from .errors import ProtocolError, ReuseportStandbyError, SlotsFull
-from .layout import FLAG_SWAP_ROLES, PARKING_SLOT, Config, Role, slot_range
+from .layout import FLAG_SWAP_ROLES, PARKING_SLOT, Role, slot_range
 from .loader import DEFAULT_PIN_ROOT, Group, socket_cookie
 from .sockets import DEFAULT_BACKLOG, Address, create_listener, is_listening_tcp, requeue
 
@@ -208,30 +208,13 @@ class Supervisor:
         group.set_slot(PARKING_SLOT, anchor)
 
     def _bind_control(self) -> socket.socket:
-        path = self.control_path
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        if os.path.exists(path):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            try:
-                probe.connect(path)
-            except OSError:
-                os.unlink(path)  # stale: nobody listens
-            else:
-                raise ReuseportStandbyError(
-                    f"another supervisor already serves {path}; stop it first or pass another --control path")
-            finally:
-                probe.close()
-        server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        old_umask = os.umask(0o117)
-        try:
-            server.bind(path)
-        finally:
-            os.umask(old_umask)
-        os.chmod(path, 0o660)
+        server = protocol.listen_unix(self.control_path, "supervisor")
         if self.gid is not None:
-            _give_to_group(path, self.gid, self.group_name)
-        server.listen(64)
-        server.setblocking(False)
+            try:
+                _give_to_group(self.control_path, self.gid, self.group_name)
+            except BaseException:
+                server.close()
+                raise
         return server
 
     def stop(self) -> None:
