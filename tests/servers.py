@@ -167,10 +167,17 @@ def migrate_counters() -> dict[str, int]:
 
 @dataclass
 class Step:
-    """One fault injected into the primary: its kind and when the signal was sent (CLOCK_MONOTONIC)."""
+    """One fault injected into the primary: its kind, when the signal was sent, and when the
+    signalled processes were gone (CLOCK_MONOTONIC).  Between the two, a dying worker can
+    still accept: a request sent then is in flight inside it, not queued."""
 
     kind: str
     at: float
+    done: float | None = None
+
+    @property
+    def boundary(self) -> float:
+        return self.done if self.done is not None and self.kind.startswith("kill") else self.at
 
 
 @dataclass
@@ -193,12 +200,12 @@ class TracedReport:
         return out
 
     def in_flight(self, step: Step) -> list[tuple[float, float, str]]:
-        """Failures of ``step`` whose request was sent before its signal."""
-        return [ev for ev in self.failures_of(step) if ev[0] < step.at]
+        """Failures of ``step`` whose request was sent before the signalled processes were gone."""
+        return [ev for ev in self.failures_of(step) if ev[0] < step.boundary]
 
     def after_signal(self, step: Step) -> list[tuple[float, float, str]]:
-        """Failures of ``step`` whose request was sent after its signal: none may be lost this way."""
-        return [ev for ev in self.failures_of(step) if ev[0] >= step.at]
+        """Failures of ``step`` whose request was sent once the killed processes were gone: none may be lost."""
+        return [ev for ev in self.failures_of(step) if ev[0] >= step.boundary]
 
     def by_kind(self) -> dict[str, list[int]]:
         """Failure count of every step, grouped by step kind."""
@@ -234,13 +241,26 @@ def _kill_master(primary: InstanceProc, timeout: float = 15.0) -> None:
 
 
 def _kill_workers(primary: InstanceProc) -> None:
-    """SIGKILL every worker at once; the master stays and forks new ones."""
+    """SIGKILL every worker at once; the master stays and forks new ones.  Returns once they are gone."""
     assert primary.proc is not None
-    for pid in worker_pids(primary.proc):
+    pids = worker_pids(primary.proc)
+    for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.001)
+
+
+def _alive(pid: int) -> bool:
+    """Not yet dead: running, or exiting (a zombie has closed its sockets)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
 
 
 def restart_traced(
@@ -282,6 +302,7 @@ def restart_traced(
                 primary.signal(signal.SIGHUP)
             else:
                 raise ValueError(f"unknown step {kind!r}")
+            steps[-1].done = time.monotonic()
             if kind in ("term", "kill", "kill_master"):
                 time.sleep(settle / 2)
                 primary = make_primary().start().wait_active()
