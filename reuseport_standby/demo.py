@@ -26,8 +26,18 @@ from typing import Callable
 
 from . import client
 from .errors import ReuseportStandbyError, SupervisorUnavailable
+from .loader import DEFAULT_PIN_ROOT
 from .loadgen import Load, LoadResult
 from .runner import request_reload
+
+
+def _remove_pins(path: Path) -> None:
+    """bpffs has no recursive removal: unlink bottom-up."""
+    if not path.is_dir():
+        return
+    for child in path.iterdir():
+        _remove_pins(child) if child.is_dir() else child.unlink()
+    path.rmdir()
 
 
 def free_port() -> int:
@@ -224,6 +234,8 @@ def demo(duration: float = 20.0, server: str = "gunicorn", baseline: bool = Fals
         result = load.stop()
     finally:
         contender.stop()
+        if isinstance(contender, WithStandby):
+            _remove_pins(Path(DEFAULT_PIN_ROOT) / contender.service)  # a demo leaves nothing pinned behind
     png = out or Path(tempfile.gettempdir()) / f"reuseport-standby-demo{'-baseline' if baseline else ''}.png"
     report(result, contender.name, png, marks)
     from .timeline import draw
