@@ -115,12 +115,13 @@ def selection_cost(connections: int) -> dict[str, float]:
     try:
         cases = {
             "primary_live": lambda g, p, s, a: (g.set_slot(0, p), g.set_slot(Role.STANDBY.slot_range[0], s),
-                                                g.write_config(Config(primary_span=1, standby_span=1))),
+                                                g.write_config(Config().with_live(g.slots()))),
             "standby_only": lambda g, p, s, a: (g.set_slot(Role.STANDBY.slot_range[0], s),
-                                                g.write_config(Config(primary_span=1, standby_span=1))),
-            "parking_only": lambda g, p, s, a: (g.set_slot(PARKING_SLOT, a), g.write_config(Config(primary_span=1, standby_span=1))),
-            "worst_32_empty_primary_probes": lambda g, p, s, a: (g.set_slot(Role.STANDBY.slot_range[0], s),
-                                                                 g.write_config(Config(primary_span=32, standby_span=1))),
+                                                g.write_config(Config().with_live(g.slots()))),
+            "parking_only": lambda g, p, s, a: (g.set_slot(PARKING_SLOT, a), g.write_config(Config())),
+            # Worst case: the table lists primaries the kernel already emptied (SIGKILL, before user space heard).
+            "stale_table_2_empty_primaries": lambda g, p, s, a: (g.set_slot(Role.STANDBY.slot_range[0], s),
+                                                                 g.write_config(Config(live=((0, 1), (Role.STANDBY.slot_range[0],))))),
         }
         for name, setup in cases.items():
             address = Address("127.0.0.1", free_port())

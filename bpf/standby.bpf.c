@@ -72,57 +72,78 @@ static __always_inline void count(__u32 idx)
 		*c += 1;
 }
 
-/* Try the live slots of one slot range, starting at a hash-chosen slot and probing
- * forward past the ones the kernel emptied when their socket closed.
- * Returns the selected slot, or -1.  The loop is bounded for the
- * verifier (kernels without bpf_loop, e.g. 5.14/5.15, must load it).
+/* Select a live slot of one slot range: the hash picks an entry of the
+ * range's dense live-slot table, so every live slot gets an even share and
+ * the cost does not depend on how many slots there are or where the holes
+ * are.  Returns the selected slot, or -1.
  *
- * With libbpf this is a global function, which the verifier checks once,
- * on its own.  Inlined twice into the program, the loop had to be verified
- * in every state the first call left behind; a loader holding CAP_BPF
- * without CAP_PERFMON also gets the Spectre v1 checks, which simulate the
- * mispredicted side of every decided branch (each loop test), and that
- * product exceeded the verifier's limit ("The sequence of 8193 jumps is
- * too complex"): the supervisor could not start with CAP_BPF and
- * CAP_NET_ADMIN alone.  As a global function: 1,682 instructions verified
- * (5,795 inlined), 1,812 under the Spectre checks.  BCC makes every
- * non-static function a program of its own, so it keeps the inlined form. */
-#ifdef RS_BCC
-static __always_inline
-#else
-__attribute__((noinline))
-#endif
-int rs_select_range(struct sk_reuseport_md *md, __u32 range, __u32 span, __u32 hash, __u64 disabled)
+ * The table can be a moment behind the kernel: a socket that closes without
+ * warning (SIGKILL) empties its slot before user space hears of it.  Then
+ * the next entry is tried once (a role-mate: during a rolling restart the
+ * old and the new instance share the range), and after that the caller
+ * falls back to the other range and to parking.  No loop, no helper but
+ * bpf_sk_select_reuseport: it verifies quickly on 5.14-era verifiers and
+ * with CAP_BPF alone (the Spectre v1 checks of a loader without
+ * CAP_PERFMON made the former probe loop too complex on 6.1). */
+/* Entry idx (< 32) of a range's live-slot table.
+ *
+ * Read as whole 64-bit words at constant offsets and picked apart with
+ * shifts: scalar arithmetic only, no pointer arithmetic with a variable
+ * offset.  A loader without CAP_PERFMON gets the verifier's Spectre v1
+ * sanitation, which refuses a variable map-value offset that reaches one
+ * instruction with different bounds on different paths ("pointer
+ * arithmetic with it prohibited for !root"), and an indexed byte load
+ * here did exactly that.  The barrier keeps clang from folding the loads
+ * back into one indexed load. */
+static __always_inline __u32 rs_live_entry(const struct rs_config *cfg, __u32 range, __u32 idx)
 {
-	__u32 base = range * RS_SLOTS_PER_ROLE;
-	__u32 start, i, key;
-	long err;
+	const __u64 *words = (const __u64 *)cfg->live;
+	__u64 w0 = words[0], w1 = words[1], w2 = words[2], w3 = words[3];
+	__u64 w4 = words[4], w5 = words[5], w6 = words[6], w7 = words[7];
+	__u64 w;
+	__u32 shift;
 
-	if (span == 0)
-		return -1;
-	/* span <= RS_SLOTS_PER_ROLE is user space's invariant; clamping here
-	 * doubled the verifier's work (11.8k vs 5.8k instructions). */
-	start = hash % span;
-	for (i = 0; i < RS_SLOTS_PER_ROLE; i++) {
-		/* Keep the compiler from rewriting the loop around a trip
-		 * count computed from span, which the verifier cannot bound. */
-		asm volatile("" : "+r"(i));
-		if (i >= span)
-			break;
-		key = base + (start + i) % span;
-		/* A disabled slot (drained or demoted instance) is pushed out
-		 * of the map's range, where the lookup fails like an empty
-		 * slot: no branch, so no extra verifier states. */
-		key += ((disabled >> key) & 1) * RS_NR_SLOTS;
-		err = bpf_sk_select_reuseport(md, RS_MAP(rs_slots), &key, 0);
-		/* Any error is an empty (or emptying) slot: a socket closes
-		 * and the kernel clears its slot before user space narrows
-		 * the span.  Counting errors here would triple the verifier's
-		 * work for a case user space already rules out (one map per
-		 * group, so no foreign sockets). */
-		if (err == 0)
-			return key;
+	/* All eight words, unconditionally: a load chosen by range would be
+	 * compiled into a variable pointer offset again. */
+	asm volatile("" : "+r"(w0), "+r"(w1), "+r"(w2), "+r"(w3));
+	asm volatile("" : "+r"(w4), "+r"(w5), "+r"(w6), "+r"(w7));
+	switch ((range & 1) << 2 | ((idx >> 3) & 3)) {
+	case 0: w = w0; break;
+	case 1: w = w1; break;
+	case 2: w = w2; break;
+	case 3: w = w3; break;
+	case 4: w = w4; break;
+	case 5: w = w5; break;
+	case 6: w = w6; break;
+	default: w = w7; break;
 	}
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+	shift = (7 - (idx & 7)) * 8;
+#else
+	shift = (idx & 7) * 8;
+#endif
+	return (w >> shift) & 0xff;
+}
+
+static __always_inline int rs_select_range(struct sk_reuseport_md *md, struct rs_config *cfg, __u32 range, __u32 hash)
+{
+	__u32 n, idx, key;
+
+	range &= 1;
+	n = cfg->live_count[range];
+	if (n == 0)
+		return -1;
+	if (n > RS_SLOTS_PER_ROLE)
+		n = RS_SLOTS_PER_ROLE;
+	idx = hash % n;
+	key = rs_live_entry(cfg, range, idx);
+	if (bpf_sk_select_reuseport(md, RS_MAP(rs_slots), &key, 0) == 0)
+		return key;
+	if (n == 1)
+		return -1;
+	key = rs_live_entry(cfg, range, idx + 1 < n ? idx + 1 : 0);
+	if (bpf_sk_select_reuseport(md, RS_MAP(rs_slots), &key, 0) == 0)
+		return key;
 	return -1;
 }
 
@@ -153,13 +174,13 @@ int rs_select_or_migrate(struct sk_reuseport_md *md)
 	/* After a promote, the standby instance sits in the primary range and
 	 * the other way round: roles are logical, ranges physical. */
 	swap = cfg->flags & RS_FLAG_SWAP_ROLES ? 1 : 0;
-	found = rs_select_range(md, first ^ swap, cfg->span[first ^ swap], hash, cfg->disabled);
+	found = rs_select_range(md, cfg, first ^ swap, hash);
 	if (found >= 0) {
 		slot = found;
 		key = first;
 		goto selected;
 	}
-	found = rs_select_range(md, second ^ swap, cfg->span[second ^ swap], hash, cfg->disabled);
+	found = rs_select_range(md, cfg, second ^ swap, hash);
 	if (found >= 0) {
 		slot = found;
 		key = second;

@@ -10,7 +10,7 @@
 #ifndef RS_STANDBY_H
 #define RS_STANDBY_H
 
-#define RS_LAYOUT_VERSION 2
+#define RS_LAYOUT_VERSION 3
 
 /* Slots per role.  Two instances of one role overlap during a restart, and a
  * later per-worker scope gives every worker its own slot, so leave room. */
@@ -43,21 +43,24 @@
 
 /* The single entry of the config array, written only by user space. */
 struct rs_config {
-	/* Slots [base, base + span[range]) of a slot range may be live; the
-	 * program probes only those.  User space raises span when it fills a
-	 * slot and lowers it when the top slots are empty, and never sets it
-	 * above RS_SLOTS_PER_ROLE. */
-	__u32 span[RS_NR_ROLES];
+	/* live[range][0 .. live_count[range]) are the slots of that range that
+	 * hold a socket and may get connections (not drained or demoted), in
+	 * slot order: the program picks one by hash in constant time.  User
+	 * space never sets a count above RS_SLOTS_PER_ROLE. */
+	__u32 live_count[RS_NR_ROLES];
 	/* 0..100: share of new connections (by 4-tuple hash) offered to the
 	 * standby first while both roles are live.  0 = pure hot standby. */
 	__u32 standby_weight;
 	/* Must equal RS_LAYOUT_VERSION once user space has initialised it. */
 	__u32 layout_version;
 	/* Bit i set: slot i keeps its socket but gets no new or migrated
-	 * connections (a drained or demoted instance). */
+	 * connections (a drained or demoted instance): user space leaves it
+	 * out of live[]; the program does not read this. */
 	__u64 disabled;
 	__u32 flags;
 	__u32 reserved;
+	/* 8-byte aligned: the program reads it as 64-bit words. */
+	__u8 live[RS_NR_ROLES][RS_SLOTS_PER_ROLE] __attribute__((aligned(8)));
 };
 
 #endif

@@ -42,7 +42,7 @@ def _round(migrate: bool, n: int, port: int) -> tuple[int, int, dict[str, int]]:
         p, s = Role.PRIMARY.slot_range[0], Role.STANDBY.slot_range[0]
         group.set_slot(p, primary)
         group.set_slot(s, standby)
-        group.write_config(Config(primary_span=1, standby_span=1))
+        group.write_config(Config().with_live([p, s]))
 
         clients = []
         for i in range(n):

@@ -23,6 +23,11 @@ BPF_NOEXIST = 1
 BPF_STATS_RUN_TIME = 0
 BPF_OBJ_GET = 7
 BPF_F_RDONLY = 1 << 3
+#: Verifier log level "errors and statistics", without the trace of every
+#: instruction: what the loader asks for when the full log overflowed, since
+#: kernels before 6.4 keep the *start* of an overflowing log and fail with a
+#: bare ENOSPC, which hides the verifier's conclusion at its end.
+BPF_LOG_STATS = 4
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x": 351, "riscv64": 280}
 
 
@@ -135,14 +140,15 @@ class LibBpf:
         return f"{self.lib.libbpf_major_version()}.{self.lib.libbpf_minor_version()}"
 
     # -- object API -------------------------------------------------------
-    def open_object(self, path: str, pin_root: str | None, log: ctypes.Array | None) -> int:
+    def open_object(self, path: str, pin_root: str | None, log: ctypes.Array | None, log_level: int = 0) -> int:
         opts = _OpenOpts()
         opts.sz = ctypes.sizeof(_OpenOpts)
         opts.pin_root_path = pin_root.encode() if pin_root else None
         if log is not None:
             opts.kernel_log_buf = ctypes.cast(log, ctypes.c_char_p)
             opts.kernel_log_size = len(log)
-            opts.kernel_log_level = 0  # logs only on failure (libbpf retries at level 1)
+            # 0: no log while it loads; on failure libbpf retries at level 1 into ``log``.
+            opts.kernel_log_level = log_level
         obj = self.lib.bpf_object__open_file(path.encode(), ctypes.byref(opts))
         if not obj:
             raise _oserror(ctypes.get_errno() or errno.EINVAL, f"bpf_object__open_file({path})")

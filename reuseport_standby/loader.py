@@ -72,10 +72,24 @@ def _statfs_type(path: str) -> int | None:
     return buf.f_type & 0xFFFFFFFF
 
 
+def _exists(path: Path, pin_root: str) -> bool:
+    try:
+        path.stat()
+        return True
+    except FileNotFoundError:
+        return False
+    except PermissionError as exc:
+        # systemd mounts /sys/fs/bpf with mode 0700: only root gets past it.
+        raise PermissionProblem(
+            f"no permission to reach the pin directory {pin_root} ({exc.filename}: {exc.strerror}); the supervisor "
+            f"runs as root with CAP_BPF (bpffs is root's, mode 0700 where systemd mounts it); other users ask the "
+            f"supervisor over its control socket ('reuseport-standby status')") from None
+
+
 def check_bpffs(pin_root: str, *, mount: bool = False) -> None:
     """Make sure ``pin_root`` lies on a bpf filesystem, mounting it if asked."""
     probe = Path(pin_root)
-    while not probe.exists() and probe != probe.parent:
+    while not _exists(probe, pin_root) and probe != probe.parent:
         probe = probe.parent
     if _statfs_type(str(probe)) == BPFFS_MAGIC:
         return
@@ -154,6 +168,13 @@ class Group:
             pin_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         except PermissionError as exc:
             raise PermissionProblem(f"cannot create pin directory {pin_dir}: {exc.strerror}; run as root or give this user write access") from exc
+        except OSError as exc:
+            if exc.errno != errno.EROFS:
+                raise
+            raise PermissionProblem(
+                f"cannot create pin directory {pin_dir}: {exc.strerror}. Under systemd, the unit must make that "
+                f"directory writable: ReadWritePaths=/sys/fs/bpf/reuseport_standby/SERVICE (not /sys/fs/bpf itself, "
+                f"which ProtectKernelTunables= keeps read-only; see examples/systemd/)") from exc
         obj_path = str(obj_path or packaged_object())
         prog_fd, map_fds = _load(lib, obj_path, pin_dir, migrate)
         group = cls(pin_dir, prog_fd, map_fds, migrate, lib)
@@ -202,6 +223,16 @@ class Group:
                     f"cannot give the pins at {path} to gid {gid}: without CAP_CHOWN the supervisor can only hand "
                     f"files to a group it belongs to (systemd: SupplementaryGroups=; Kubernetes: fsGroup)") from None
             os.chmod(path, 0o750 if path.is_dir() else 0o640)
+        # The pin root above the service (ours, e.g. /sys/fs/bpf/reuseport_standby) was created under
+        # the supervisor's umask (0077 in the systemd unit): members need to pass through it.
+        root = self.pin_dir.parent.parent
+        st = root.stat()
+        if st.st_uid == os.geteuid() and st.st_mode & 0o011 != 0o011:
+            try:
+                os.chmod(root, st.st_mode & 0o7777 | 0o011)
+            except OSError as exc:  # e.g. read-only outside this service's directory (the systemd unit)
+                log.warning("members of gid %d cannot pass through %s (%s): they will not read the pins "
+                            "while the supervisor is down", gid, root, exc.strerror)
 
     def _check_layout(self) -> None:
         info = self._lib.map_info(self._fds["rs_slots"])
@@ -384,7 +415,7 @@ def prog_pin_name(migrate: bool) -> str:
 
 def _load(lib: _libbpf.LibBpf, obj_path: str, pin_dir: Path, migrate: bool) -> tuple[int, dict[str, int]]:
     """Open and load the object with maps pinned by name under ``pin_dir``."""
-    logbuf = ctypes.create_string_buffer(64 * 1024)
+    logbuf = ctypes.create_string_buffer(_LOG_SIZE)
     try:
         obj = lib.open_object(obj_path, str(pin_dir), logbuf)
     except OSError as exc:
@@ -397,7 +428,11 @@ def _load(lib: _libbpf.LibBpf, obj_path: str, pin_dir: Path, migrate: bool) -> t
         lib.check(lib.lib.bpf_program__set_expected_attach_type(prog, attach), "set attach type")
         rc = lib.lib.bpf_object__load(obj)
         if rc < 0:
-            raise _load_error(-rc, obj_path, pin_dir, logbuf.value.decode(errors="replace"))
+            verifier_log = logbuf.value.decode(errors="replace")
+            if -rc == errno.ENOSPC and kernel_version() < (6, 4):
+                # The log kept its start, not the conclusion (6.4+ keeps the end).
+                verifier_log = _errors_only_log(lib, obj_path, pin_dir, migrate) or verifier_log
+            raise _load_error(-rc, obj_path, pin_dir, verifier_log)
         prog_fd = os.dup(lib.check(lib.lib.bpf_program__fd(prog), "program fd"))
         map_fds = {}
         for name in MAP_NAMES:
@@ -410,6 +445,27 @@ def _load(lib: _libbpf.LibBpf, obj_path: str, pin_dir: Path, migrate: bool) -> t
         lib.lib.bpf_object__close(obj)
 
 
+_LOG_SIZE = 64 * 1024  # 6.4+ keep the end of a longer log; before, the errors-only retry below
+
+
+def _errors_only_log(lib: _libbpf.LibBpf, obj_path: str, pin_dir: Path, migrate: bool) -> str:
+    """Load once more, logging only the verifier's errors, after the full log overflowed."""
+    logbuf = ctypes.create_string_buffer(_LOG_SIZE)
+    try:
+        obj = lib.open_object(obj_path, str(pin_dir), logbuf, log_level=_libbpf.BPF_LOG_STATS)
+    except OSError:
+        return ""
+    try:
+        prog = lib.lib.bpf_object__find_program_by_name(obj, PROG_NAME.encode())
+        attach = _libbpf.BPF_SK_REUSEPORT_SELECT_OR_MIGRATE if migrate else _libbpf.BPF_SK_REUSEPORT_SELECT
+        if prog:
+            lib.lib.bpf_program__set_expected_attach_type(prog, attach)
+        lib.lib.bpf_object__load(obj)
+        return logbuf.value.decode(errors="replace")
+    finally:
+        lib.lib.bpf_object__close(obj)
+
+
 def _load_error(err: int, obj_path: str, pin_dir: Path, verifier_log: str) -> Exception:
     if err == errno.EPERM:
         return PermissionProblem(
@@ -417,13 +473,43 @@ def _load_error(err: int, obj_path: str, pin_dir: Path, verifier_log: str) -> Ex
             "nothing more (run it as root, or give its systemd unit AmbientCapabilities=CAP_BPF), "
             "and the locked-memory limit may need raising (LimitMEMLOCK=infinity) on "
             "kernels before 5.11")
-    if err == errno.EACCES and verifier_log:
-        return BpfUnavailable(f"the verifier rejected {obj_path}:\n{verifier_log[-4000:]}")
+    if err in (errno.EACCES, errno.E2BIG, errno.ENOSPC) and verifier_log.strip():
+        return BpfUnavailable(f"the kernel's verifier rejected {obj_path} ({os.strerror(err)}); its last lines:\n"
+                              f"{verifier_tail(verifier_log)}\n{_privilege_hint()}")
     if err == errno.EINVAL and any((pin_dir / n).exists() for n in MAP_NAMES):
         return IncompatiblePins(
             f"the maps pinned at {pin_dir} do not match this version's program ({os.strerror(err)}); "
             f"stop this service's instances and supervisor, remove {pin_dir}, and start again")
     if err == errno.EINVAL and kernel_version() < (4, 19):
         return BpfUnavailable(f"kernel {platform.release()} has no REUSEPORT_SOCKARRAY (needs 4.19+; 5.14+ for migration)")
-    detail = f":\n{verifier_log[-4000:]}" if verifier_log else ""
+    detail = f"; the verifier's last lines:\n{verifier_tail(verifier_log)}" if verifier_log.strip() else ""
     return BpfUnavailable(f"loading {obj_path} failed: {os.strerror(err)}{detail}")
+
+
+def verifier_tail(verifier_log: str, lines: int = 25) -> str:
+    """The verifier's conclusion is at the end of its log; keep that part."""
+    kept = [line for line in verifier_log.strip().splitlines() if line.strip()]
+    return "\n".join("  " + line for line in kept[-lines:])
+
+
+def _privilege_hint() -> str:
+    """Which of the two privilege levels the verifier applied: it verifies more strictly without CAP_PERFMON."""
+    caps = _effective_caps()
+    if caps is None or caps >> _CAP_PERFMON & 1 or caps >> _CAP_SYS_ADMIN & 1:
+        return "(verified with CAP_PERFMON: report this as a bug with the lines above)"
+    return ("(verified without CAP_PERFMON, so with the verifier's Spectre v1 checks; this version's program is "
+            "meant to pass them: report this as a bug with the lines above, and meanwhile add CAP_PERFMON)")
+
+
+_CAP_SYS_ADMIN, _CAP_PERFMON = 21, 38
+
+
+def _effective_caps() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return None

@@ -42,14 +42,9 @@ def open_group(pin_root: Path, address: Address, migrate: bool = True, loader: s
 
 
 def activate(group: Group, slot: int, sock: socket.socket) -> None:
-    """Slot a socket and widen the role's span to cover it, as the supervisor does."""
+    """Slot a socket, then add it to the live-slot table, as the supervisor does."""
     group.set_slot(slot, sock)
-    cfg = group.read_config()
-    group.write_config(Config(
-        primary_span=max(cfg.primary_span, slot + 1) if slot < S0 else cfg.primary_span,
-        standby_span=max(cfg.standby_span, slot - S0 + 1) if S0 <= slot < PARKING_SLOT else cfg.standby_span,
-        standby_weight=cfg.standby_weight,
-    ))
+    group.write_config(group.read_config().with_live(group.slots()))
 
 
 def target(address: Address) -> tuple[str, int]:
@@ -156,6 +151,46 @@ def test_dying_primary_prefers_its_role_mate(pin_root: Path, address: Address, l
         standby.close()
 
 
+def test_even_shares_after_a_hole(pin_root: Path, address: Address, loader: str) -> None:
+    """The dense live-slot table: slots 0 and 2 live, 1 empty, each gets half (the old probe gave slot 2 two thirds)."""
+    n = 400
+    with open_group(pin_root, address, loader=loader) as g:
+        socks = [create_listener(address, 1024) for _ in range(3)]
+        g.attach(socks[0])
+        for i, s in enumerate(socks):
+            activate(g, P0 + i, s)
+        socks[1].close()  # the kernel empties slot 1 ...
+        g.write_config(g.read_config().with_live(g.slots()))  # ... and user space drops it from the table
+        assert g.read_config().live[0] == (P0, P0 + 2)
+        clients = open_clients(target(address), n, address.family)
+        got = [accept_pending(socks[0]), accept_pending(socks[2])]
+        collect(clients)
+        assert sum(got) == n
+        assert all(abs(share - n / 2) <= n * 0.1 for share in got), got
+        for s in (socks[0], socks[2]):
+            s.close()
+
+
+def test_stale_table_entry_falls_to_the_next_live_slot(pin_root: Path, address: Address, loader: str) -> None:
+    """A SIGKILLed listener empties its slot before user space hears: no connection is refused, parked or reset."""
+    n = 120
+    with open_group(pin_root, address, loader=loader) as g:
+        socks = [create_listener(address, 1024) for _ in range(3)]
+        standby = create_listener(address, 1024)
+        g.attach(socks[0])
+        for i, s in enumerate(socks):
+            activate(g, P0 + i, s)
+        activate(g, S0, standby)
+        socks[1].close()  # the table still lists slot 1
+        assert P0 + 1 in g.read_config().live[0]
+        clients = open_clients(target(address), n, address.family)
+        got = [accept_pending(socks[0]), accept_pending(socks[2]), accept_pending(standby)]
+        collect(clients)
+        assert got[0] + got[1] == n and got[2] == 0, got
+        for s in (socks[0], socks[2], standby):
+            s.close()
+
+
 def test_parking_holds_connections_until_an_instance_appears(pin_root: Path, address: Address, loader: str) -> None:
     with open_group(pin_root, address, loader=loader) as g:
         anchor = create_listener(address)
@@ -241,7 +276,7 @@ def test_pinned_state_outlives_loader_and_is_readopted(pin_root: Path, address: 
     pin = pin_root / address.group_name
     code = (
         "import sys; from reuseport_standby.loader import Group; from reuseport_standby.layout import Config\n"
-        "g = Group.open(sys.argv[1], loader=sys.argv[2]); g.write_config(Config(primary_span=3, standby_weight=7))\n"
+        "g = Group.open(sys.argv[1], loader=sys.argv[2]); g.write_config(Config(live=((0, 1, 2), ()), standby_weight=7))\n"
         "print(g.prog_info.id, g.map_ids['rs_slots'])\n"
     )
     out = subprocess.run([sys.executable, "-c", code, str(pin), loader], check=True, capture_output=True, text=True,
@@ -251,7 +286,7 @@ def test_pinned_state_outlives_loader_and_is_readopted(pin_root: Path, address: 
     with Group.open(pin, loader=loader) as g:
         assert g.prog_info.id == prog_id, "the pinned program is re-adopted, not duplicated"
         assert g.map_ids["rs_slots"] == slots_id
-        assert g.read_config() == Config(primary_span=3, standby_weight=7)
+        assert g.read_config() == Config(live=((0, 1, 2), ()), standby_weight=7)
         assert sorted(os.listdir(pin)) == pins
         assert not g.replaced_program
     # The other loader re-adopts the same maps (its program differs: it replaces the pin).
@@ -260,7 +295,7 @@ def test_pinned_state_outlives_loader_and_is_readopted(pin_root: Path, address: 
         require_bcc()
     with Group.open(pin, loader=other) as g:
         assert g.map_ids["rs_slots"] == slots_id
-        assert g.read_config() == Config(primary_span=3, standby_weight=7)
+        assert g.read_config() == Config(live=((0, 1, 2), ()), standby_weight=7)
         assert sorted(os.listdir(pin)) == pins
     # Switching to plain SELECT replaces the pinned program rather than mixing.
     with Group.open(pin, migrate=False, loader=loader) as g:
@@ -332,9 +367,10 @@ def test_without_cap_bpf_the_error_says_what_is_missing(pin_root: Path, kernel: 
         "try:\n  Group.open(sys.argv[1], obj_path=obj); print('LOADED')\n"
         "except errors.ReuseportStandbyError as e: print(type(e).__name__, e)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(pin)], capture_output=True, text=True, timeout=30,
-                         cwd=Path(__file__).parent.parent).stdout
-    assert out.startswith("PermissionProblem") and "CAP_BPF" in out, out
+    r = subprocess.run([sys.executable, "-c", code, str(pin)], capture_output=True, text=True, timeout=30,
+                       cwd=Path(__file__).parent.parent)
+    out = r.stdout
+    assert out.startswith("PermissionProblem") and "CAP_BPF" in out, out + r.stderr[-2000:]
 
 
 def test_bcc_loads_a_users_variant_and_shows_compiler_errors(pin_root: Path, tmp_path: Path, kernel: None) -> None:
@@ -359,8 +395,55 @@ def test_bcc_loads_a_users_variant_and_shows_compiler_errors(pin_root: Path, tmp
         primary.close()
         standby.close()
     broken = tmp_path / "broken.bpf.c"
-    broken.write_text(packaged_source().read_text().replace("start = hash % span;", "start = hash % span"))
+    broken.write_text(packaged_source().read_text().replace("idx = hash % n;", "idx = hash % n"))
     with pytest.raises(BpfUnavailable, match=r"(?s)BCC could not compile.*error: expected ';'"):
         Group.open(pin_root / "broken", loader="bcc", bpf_source=broken)
     with pytest.raises(ValueError, match="--loader bcc"):
         Group.open(pin_root / "x", bpf_source=broken)
+
+
+def _least_privilege(*cmd: str) -> list[str]:
+    """Root with CAP_BPF alone (no CAP_PERFMON): the verifier then applies its Spectre v1 checks."""
+    return ["setpriv", "--inh-caps=-all,+bpf", "--ambient-caps=-all,+bpf", "--bounding-set=-all,+bpf", *cmd]
+
+
+def test_program_loads_with_cap_bpf_alone(pin_root: Path, loader: str) -> None:
+    """The least privilege docs/security.md states: CAP_BPF, no CAP_PERFMON, on 6.1 as on newer kernels."""
+    pin = pin_root / f"least-{loader}"
+    code = ("import sys; from reuseport_standby.loader import Group\n"
+            "with Group.open(sys.argv[1], loader=sys.argv[2]) as g: print(g.prog_info.xlated_prog_len // 8)\n")
+    r = subprocess.run(_least_privilege(sys.executable, "-c", code, str(pin), loader),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert int(r.stdout.split()[-1]) > 0
+
+
+@pytest.mark.parametrize("log_size", [1 << 20, 2048], ids=["log-fits", "log-overflows"])
+def test_verifier_rejection_shows_the_verifiers_conclusion(pin_root: Path, tmp_path: Path, log_size: int,
+                                                           monkeypatch: pytest.MonkeyPatch, kernel: None) -> None:
+    """Never a bare ENOSPC: when the log overflows its buffer the loader still shows why the verifier said no."""
+    import shutil
+
+    from reuseport_standby import loader as loader_mod
+    from reuseport_standby.bcc_loader import packaged_source
+    from reuseport_standby.errors import BpfUnavailable
+
+    clang = shutil.which("clang")
+    if clang is None:
+        pytest.skip("clang is needed to build the rejected variant (scripts/setup-host.sh installs it)")
+    src = packaged_source()
+    variant = tmp_path / "rejected.bpf.c"
+    # Drop the NULL checks of the per-slot counter lookups (a variable key): the verifier must refuse.
+    variant.write_text(src.read_text().replace("if (hits)\n\t\t*hits", "*hits"))
+    assert variant.read_text() != src.read_text()
+    shutil.copy(src.parent / "standby.h", tmp_path / "standby.h")
+    obj = tmp_path / "rejected.bpf.o"
+    arch = os.uname().machine
+    subprocess.run([clang, "-O2", "-g", "-target", "bpf", "-I", str(tmp_path), f"-I/usr/include/{arch}-linux-gnu",
+                    "-c", str(variant), "-o", str(obj)], check=True, capture_output=True, timeout=120)
+    monkeypatch.setattr(loader_mod, "_LOG_SIZE", log_size)
+    with pytest.raises(BpfUnavailable) as info:
+        Group.open(pin_root / "rejected", obj_path=obj)
+    message = str(info.value)
+    assert "invalid mem access 'map_value_or_null'" in message, message
+    assert "verifier" in message

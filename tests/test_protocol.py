@@ -108,7 +108,7 @@ def test_layout_matches_c_header() -> None:
         assert int(defs[f"RS_CNT_{c.name}"]) == c.value, c
     assert int(defs["RS_ROLE_PRIMARY"]) == Role.PRIMARY.number and int(defs["RS_ROLE_STANDBY"]) == Role.STANDBY.number
     fields = re.search(r"struct rs_config \{(.*?)\};", header, re.S).group(1)
-    names = re.findall(r"__u(?:32|64) (\w+)(?:\[(\w+)\])?;", fields)
-    assert [n for n, _ in names] == ["span", "standby_weight", "layout_version", "disabled", "flags", "reserved"]
-    assert layout.CONFIG_SIZE == 32
+    names = re.findall(r"__u(?:8|32|64) (\w+)(?:\[\w+\])*(?: __attribute__\(\(aligned\(8\)\)\))?;", fields)
+    assert names == ["live_count", "standby_weight", "layout_version", "disabled", "flags", "reserved", "live"]
+    assert layout.CONFIG_SIZE == 32 + 2 * layout.SLOTS_PER_ROLE
     assert int(defs["RS_FLAG_SWAP_ROLES"]) == layout.FLAG_SWAP_ROLES
