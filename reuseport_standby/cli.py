@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="libbpf: load the packaged object (default); bcc: compile the C source at start (needs BCC and kernel headers)")
     sp.add_argument("--bpf-source", default=None, metavar="PATH",
                     help="with --loader bcc: your own variant of bpf/standby.bpf.c (docs/bpf-variants.md)")
+    sp.add_argument("--max-connections-per-uid", type=int, default=None, metavar="N",
+                    help="control connections one user other than root may hold at once; more are refused "
+                         "(default 128: worker scope needs 68 during a rolling reload)")
 
     st = sub.add_parser("status", help="show addresses, instances, slots, queues and counters")
     common(st)
@@ -148,12 +151,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_supervise(args: argparse.Namespace) -> int:
-    from .supervisor import Supervisor
+    from .supervisor import MAX_CONNECTIONS_PER_UID, Supervisor
 
+    per_uid = MAX_CONNECTIONS_PER_UID if args.max_connections_per_uid is None else args.max_connections_per_uid
     sup = Supervisor(args.service, args.bind, control=args.control, backlog=args.backlog, group=args.group,
                      pin_root=args.pin_root, migrate=False if args.no_migrate else None, mount_bpffs=args.mount_bpffs,
                      stall_timeout=args.stall_timeout, on_hang=args.on_hang, loader=args.loader,
-                     bpf_source=args.bpf_source)
+                     bpf_source=args.bpf_source, max_connections_per_uid=per_uid)
     sup.start()
     if args.metrics:
         from .metrics import serve

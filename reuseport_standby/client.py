@@ -62,13 +62,17 @@ def connect(path: str, timeout: float = 0.0) -> socket.socket:
 
 def request(sock: socket.socket, msg: dict[str, Any], fds: list[int] | None = None,
             timeout: float = 10.0) -> tuple[dict[str, Any], list[socket.socket]]:
-    """Send one request and wait for its reply (and the sockets it carries)."""
+    """Send one request and wait for its reply (and the sockets it carries).
+
+    A long reply arrives as numbered chunks (docs/protocol.md): all of them
+    are read, within the same ``timeout``."""
     try:
         protocol.send(sock, msg, fds)
     except (BrokenPipeError, ConnectionResetError):
         # A supervisor that refuses a peer says why and hangs up at once:
         # the reason may already wait in our receive queue.
         timeout = 0.0
+    deadline = time.monotonic() + timeout
     r, _, _ = select.select([sock], [], [], timeout)
     if not r:
         raise SupervisorUnavailable(f"the supervisor did not answer '{msg.get('op')}' within {timeout:.0f} s")
@@ -88,11 +92,24 @@ def request(sock: socket.socket, msg: dict[str, Any], fds: list[int] | None = No
             s.close()
         raise SupervisorUnavailable("the supervisor closed the control connection")
     try:
-        return protocol.parse_reply(raw), socks
-    except ProtocolError:
+        return protocol.parse_reply(protocol.join_reply(raw, lambda: _next_chunk(sock, deadline, msg))), socks
+    except (ProtocolError, SupervisorUnavailable, OSError):
         for s in socks:
             s.close()
         raise
+
+
+def _next_chunk(sock: socket.socket, deadline: float, msg: dict[str, Any]) -> bytes:
+    """The next message of a chunked reply (a chunk carries no fds; any that came are closed)."""
+    r, _, _ = select.select([sock], [], [], max(0.0, deadline - time.monotonic()))
+    if not r:
+        raise SupervisorUnavailable(f"the supervisor did not finish its reply to '{msg.get('op')}' in time")
+    raw, got, _ = protocol.recv(sock)
+    for fd in got:
+        os.close(fd)
+    if not raw:
+        raise SupervisorUnavailable("the supervisor closed the control connection in the middle of a reply")
+    return raw
 
 
 def query(service: str = protocol.DEFAULT_SERVICE, op: str = "status", control: str | None = None,

@@ -2,26 +2,34 @@
 
 Transport: a unix SOCK_SEQPACKET socket, so every message keeps its
 boundary and carries its own file descriptors (SCM_RIGHTS).  A message is
-one UTF-8 JSON object.  docs/protocol.md is the reference; this module is
-the only parser of it.
+one UTF-8 JSON object of at most ``MAX_MESSAGE`` bytes; a reply longer than
+that travels as numbered chunks (:func:`frames`, :func:`join_reply`).
+docs/protocol.md is the reference; this module is the only parser of it.
 """
 
 from __future__ import annotations
 
 import array
+import base64
+import binascii
 import json
 import os
 import re
 import socket
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .errors import ProtocolError, ReuseportStandbyError
 from .layout import Role
 
 VERSION = 1
+#: every message on the wire, either way: a request is one message, so what a peer makes us read stays bounded
 MAX_MESSAGE = 16 * 1024
 MAX_FDS = 64
+#: bytes of a long reply's JSON text per chunk: base64 makes 16,000 of them, plus a header under 100
+CHUNK_BYTES = 12_000
+#: the most chunks a client takes for one reply (47 MiB): a bound for the client, far above any real reply
+MAX_CHUNKS = 4096
 DEFAULT_SERVICE = "default"
 CONTROL_DIR = "/run/reuseport-standby"
 
@@ -125,8 +133,13 @@ def parse_request(raw: bytes, nfds: int = 0) -> Request:
                    parent=parent, scope=scope, fields=msg)
 
 
+def _dump(msg: dict[str, Any]) -> bytes:
+    return json.dumps({"v": VERSION, **msg}, separators=(",", ":")).encode()
+
+
 def encode(msg: dict[str, Any]) -> bytes:
-    data = json.dumps({"v": VERSION, **msg}, separators=(",", ":")).encode()
+    """One message (a request): never more than MAX_MESSAGE, the supervisor reads no more."""
+    data = _dump(msg)
     if len(data) > MAX_MESSAGE:
         raise ProtocolError("too_large", f"message of {len(data)} bytes exceeds {MAX_MESSAGE}")
     return data
@@ -136,12 +149,42 @@ def error_reply(code: str, message: str) -> dict[str, Any]:
     return {"ok": False, "error": code, "message": message}
 
 
-def send(sock: socket.socket, msg: dict[str, Any], fds: list[int] | None = None) -> None:
-    data = encode(msg)
+def frames(msg: dict[str, Any], fds: list[int] | None = None) -> list[tuple[bytes, list[int]]]:
+    """The messages that carry one reply, each with the fds it carries.
+
+    A reply of at most MAX_MESSAGE bytes is one message, as always.  A longer
+    one (``status`` of many instances) is split into numbered chunks, so no
+    message, and no buffer a peer can make us fill, grows with it; the fds
+    ride on the first chunk.
+    """
+    data = _dump(msg)
+    if len(data) <= MAX_MESSAGE:
+        return [(data, list(fds or []))]
+    pieces = [data[i:i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)]
+    if len(pieces) > MAX_CHUNKS:
+        raise ProtocolError("too_large", f"reply of {len(data)} bytes exceeds {MAX_CHUNKS} chunks")
+    return [(_dump({"chunk": i, "chunks": len(pieces), "data": base64.b64encode(piece).decode()}),
+             list(fds or []) if i == 0 else [])
+            for i, piece in enumerate(pieces)]
+
+
+def sendmsg(sock: socket.socket, data: bytes, fds: list[int] | None = None) -> None:
+    """One message as it is (raises BlockingIOError on a full non-blocking socket: seqpacket sends all or nothing)."""
     if fds:
         sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
     else:
         sock.sendmsg([data])
+
+
+def send(sock: socket.socket, msg: dict[str, Any], fds: list[int] | None = None) -> None:
+    """A request (one message) on a blocking socket."""
+    sendmsg(sock, encode(msg), fds)
+
+
+def send_reply(sock: socket.socket, msg: dict[str, Any], fds: list[int] | None = None) -> None:
+    """A whole reply, chunked if long, on a blocking socket (the supervisor queues instead: it never blocks)."""
+    for data, carried in frames(msg, fds):
+        sendmsg(sock, data, carried)
 
 
 def recv(sock: socket.socket) -> tuple[bytes, list[int], bool]:
@@ -187,6 +230,47 @@ def listen_unix(path: str, what: str, backlog: int = 64) -> socket.socket:
     server.listen(backlog)
     server.setblocking(False)
     return server
+
+
+@dataclass(frozen=True)
+class Chunk:
+    index: int
+    count: int
+    data: bytes
+
+
+def parse_chunk(raw: bytes) -> Chunk | None:
+    """The chunk of a long reply that ``raw`` is, or None for a whole message."""
+    try:
+        msg = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None  # parse_reply says what is wrong with it
+    if not isinstance(msg, dict) or "chunk" not in msg or "ok" in msg:
+        return None
+    index, count, data = msg.get("chunk"), msg.get("chunks"), msg.get("data")
+    if (not all(isinstance(x, int) and not isinstance(x, bool) for x in (index, count))
+            or not 0 <= index < count <= MAX_CHUNKS or not isinstance(data, str)):
+        raise ProtocolError("malformed", f"supervisor sent a malformed chunk: {raw[:100]!r}")
+    try:
+        return Chunk(index, count, base64.b64decode(data, validate=True))
+    except (binascii.Error, ValueError):
+        raise ProtocolError("malformed", "supervisor sent a chunk that is not base64") from None
+
+
+def join_reply(first: bytes, more: Callable[[], bytes]) -> bytes:
+    """A whole reply: ``first`` itself, or the chunks it begins, the rest read with ``more()``."""
+    head = parse_chunk(first)
+    if head is None:
+        return first
+    if head.index != 0:
+        raise ProtocolError("malformed", f"a reply began with chunk {head.index} of {head.count}")
+    parts = [head.data]
+    for i in range(1, head.count):
+        chunk = parse_chunk(more())
+        if chunk is None or chunk.index != i or chunk.count != head.count:
+            raise ProtocolError("malformed", f"chunk {i} of {head.count} of a reply is missing")
+        parts.append(chunk.data)
+    return b"".join(parts)
 
 
 def parse_reply(raw: bytes) -> dict[str, Any]:

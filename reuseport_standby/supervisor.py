@@ -16,6 +16,7 @@ reconnect and re-announce their sockets (``readopt``).
 
 from __future__ import annotations
 
+import errno
 import grp
 import ipaddress
 import itertools
@@ -25,13 +26,14 @@ import selectors
 import signal
 import socket
 import time
+from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from . import diag, pidfd, protocol
 from .errors import ProtocolError, ReuseportStandbyError, SlotsFull
-from .layout import FLAG_SWAP_ROLES, PARKING_SLOT, Role, slot_range
+from .layout import FLAG_SWAP_ROLES, PARKING_SLOT, WORKERS_PER_INSTANCE, Role, slot_range
 from .loader import DEFAULT_PIN_ROOT, Group, socket_cookie
 from .sockets import DEFAULT_BACKLOG, Address, create_listener, is_listening_tcp, requeue
 
@@ -41,6 +43,17 @@ PENDING, ACTIVE, DRAINING = "pending", "active", "draining"
 DRAINED, DEMOTED = "drained", "demoted"   # slots kept but disabled: by an operator, or for hanging
 ON_HANG = ("demote", "term", "kill")
 TICK = 0.1  # seconds between health checks
+#: seconds a peer has to take a reply its socket buffer could not hold; then it is dropped, never waited for
+SEND_TIMEOUT = 2.0
+#: seconds without accepting after running out of file descriptors (the peers already connected are served)
+ACCEPT_PAUSE = 0.5
+FD_SHORTAGE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+#: control connections one uid (root excepted) may hold: worker scope needs 2 roles x 2 instances x
+#: (1 + 16 workers) = 68 during a rolling reload, plus operators' commands
+MAX_CONNECTIONS_PER_UID = 128
+#: instances of one role one uid (root excepted) may hold: the two that overlap in a rolling restart
+INSTANCES_PER_ROLE_PER_UID = 2
+COMPLAINT_INTERVAL = 10.0  # seconds: the same failure is logged with its traceback at most this often
 
 
 @dataclass
@@ -66,6 +79,9 @@ class Instance:
     progress: dict[Address, "Progress"] = field(default_factory=dict)
     scope: str = "instance"              # "worker": its workers register on their own; its sockets stay pending
     parent: int | None = None            # a worker's: the pid of the instance it belongs to
+    parent_checked: bool = True          # False: the kernel says this "worker" is no child of ``parent``
+    outbox: deque[tuple[bytes, list[int]]] = field(default_factory=deque)  # reply frames not taken yet (fds: our dups)
+    send_by: float = 0.0                 # monotonic deadline for the outbox to empty
 
     def describe(self) -> str:
         what = "worker of pid %d, " % self.parent if self.parent is not None else ""
@@ -114,6 +130,7 @@ class Supervisor:
         on_hang: str = "demote",
         loader: str = "libbpf",
         bpf_source: str | None = None,
+        max_connections_per_uid: int = MAX_CONNECTIONS_PER_UID,
     ) -> None:
         if not addresses:
             raise ValueError("a service needs at least one --bind address")
@@ -136,6 +153,13 @@ class Supervisor:
         self.on_hang = on_hang
         self.loader = loader
         self.bpf_source = bpf_source
+        if max_connections_per_uid < 1:
+            raise ValueError("--max-connections-per-uid must be at least 1")
+        self.max_connections_per_uid = max_connections_per_uid
+        self._uid_connections: Counter[int] = Counter()
+        self._accept_paused_until: float | None = None
+        self._fd_pauses = 0
+        self._complaints: dict[str, float] = {}
         self.swapped = False
         self.demotions_total = 0
         self._next_health = 0.0
@@ -199,7 +223,7 @@ class Supervisor:
         if orphans:
             log.info("%s: re-adopted %d live slot(s) from before this supervisor started: %s",
                      address, len(orphans), sorted(orphans))
-        self._update_spans(group)
+        self._update_live(group)
         st = AddressState(address, group, anchor)
         return st
 
@@ -257,25 +281,64 @@ class Supervisor:
             sd_notify("READY=1\nSTATUS=serving " + ", ".join(map(str, self.addresses)))
         while not self._stopping:
             self.step(TICK)
-            self.check_health()
+            self.run_timers()
         log.info("service %s: supervisor stopping; instances keep serving", self.service)
         if notify:
             sd_notify("STOPPING=1")
 
     def step(self, timeout: float | None) -> None:
+        """Handle what is ready.  A failure ends that peer (or is logged), never the loop."""
         for key, _ in self._sel.select(timeout):
-            kind, inst = key.data
-            if kind == "accept":
-                self._accept()
-            elif kind == "wake":
-                try:
-                    self._wake_r.recv(64)
-                except BlockingIOError:
-                    pass
-            elif kind == "conn":
-                self._on_readable(inst)
+            kind, peer = key.data
+            try:
+                self._dispatch(kind, peer)
+            except Exception:
+                self._complain(f"handling a {kind} event")
+                self._contain(kind, peer)
+
+    def _contain(self, kind: str, peer: Any) -> None:
+        """After a failure: end the peer as if it had disconnected; stop watching an anchor that
+        keeps failing (it would make a busy loop: it is looked at again when an instance comes or goes)."""
+        try:
+            if kind == "conn":
+                self._disconnected(peer)  # forgets the peer even if deactivating it fails
             elif kind == "parked":
-                self._release_parked(inst)
+                self._watch_anchor(peer, False)
+        except Exception:
+            self._complain(f"recovering from a failed {kind} event")
+
+    def _dispatch(self, kind: str, peer: Any) -> None:
+        if kind == "accept":
+            self._accept()
+        elif kind == "wake":
+            try:
+                self._wake_r.recv(64)
+            except BlockingIOError:
+                pass
+        elif kind == "conn":
+            if peer.conn.fileno() < 0:
+                return  # dropped earlier in this batch
+            if peer.outbox:
+                self._flush(peer)  # registered for writing only while replies wait
+            else:
+                self._on_readable(peer)
+        elif kind == "parked":
+            self._release_parked(peer)
+
+    def run_timers(self) -> None:
+        """The loop's periodic work; one that fails is logged, and the others still run."""
+        for timer in (self.check_health, self._expire_outboxes, self._resume_accepting):
+            try:
+                timer()
+            except Exception:
+                self._complain(timer.__name__)
+
+    def _complain(self, what: str) -> None:
+        """Log the exception being handled: with its traceback at most once per COMPLAINT_INTERVAL per kind."""
+        if self._rarely(what):
+            log.exception("%s failed; the supervisor carries on", what)
+        else:
+            log.debug("%s failed again", what, exc_info=True)
 
     # -- control connections -----------------------------------------------------
     def _accept(self) -> None:
@@ -284,19 +347,78 @@ class Supervisor:
             conn, _ = self._server.accept()
         except BlockingIOError:
             return
+        except OSError as exc:
+            if exc.errno in FD_SHORTAGE:
+                self._pause_accepting(exc)
+            else:
+                log.warning("accepting a control connection failed: %s", exc)
+            return
+        if self._fd_pauses:
+            log.info("accepting control connections again (after %d pause(s) for want of file descriptors)",
+                     self._fd_pauses)
+            self._fd_pauses = 0
+        try:
+            self._admit(conn)
+        except BaseException:
+            if conn.fileno() not in self.instances:
+                conn.close()
+            raise
+
+    def _admit(self, conn: socket.socket) -> None:
+        """Serve a new peer, or tell it why not and close it at once."""
+        conn.setblocking(False)  # a peer that does not read must never block the loop
         pid, uid, gid = _peercred(conn)
         refusal = self._refusal(conn, pid, uid, gid)
+        code = "forbidden"
+        if refusal is None:
+            refusal, code = self._connection_cap(uid), "too_many_connections"
         if refusal:
-            log.warning("refused control connection from pid %d uid %d: %s", pid, uid, refusal)
+            if self._rarely(f"refused uid {uid} {code}"):
+                log.warning("refused control connection from pid %d uid %d: %s", pid, uid, refusal)
             try:
-                protocol.send(conn, protocol.error_reply("forbidden", refusal))
+                protocol.send(conn, protocol.error_reply(code, refusal))
             except OSError:
                 pass
             conn.close()
             return
         inst = Instance(id=next(self._ids), conn=conn, pid=pid, uid=uid)
-        self.instances[conn.fileno()] = inst
         self._sel.register(conn, selectors.EVENT_READ, ("conn", inst))
+        self.instances[conn.fileno()] = inst
+        self._uid_connections[uid] += 1
+
+    def _rarely(self, what: str) -> bool:
+        """True at most once per COMPLAINT_INTERVAL per ``what``: for warnings a peer can repeat at will."""
+        now = time.monotonic()
+        if now - self._complaints.get(what, -COMPLAINT_INTERVAL) < COMPLAINT_INTERVAL:
+            return False
+        if len(self._complaints) > 1000:
+            self._complaints.clear()
+        self._complaints[what] = now
+        return True
+
+    def _connection_cap(self, uid: int) -> str | None:
+        if uid == 0 or self._uid_connections[uid] < self.max_connections_per_uid:
+            return None
+        return (f"uid {uid} already holds {self._uid_connections[uid]} control connections to service "
+                f"{self.service}, the most one user may (--max-connections-per-uid); close some first")
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        """Out of file descriptors: stop accepting for a moment, keep serving the peers already connected."""
+        if self._server is not None and self._server.fileno() in self._sel.get_map():
+            self._sel.unregister(self._server)
+        self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE
+        self._fd_pauses += 1
+        if self._fd_pauses == 1:
+            log.warning("cannot accept a control connection: %s (%d open): not accepting new ones for %.1f s at a "
+                        "time until some close; raise the supervisor's file limit (LimitNOFILE=) if this load is "
+                        "legitimate", exc.strerror, len(self.instances), ACCEPT_PAUSE)
+
+    def _resume_accepting(self) -> None:
+        if self._accept_paused_until is None or time.monotonic() < self._accept_paused_until:
+            return
+        self._accept_paused_until = None
+        if self._server is not None:
+            self._sel.register(self._server, selectors.EVENT_READ, ("accept", None))
 
     def _refusal(self, conn: socket.socket, pid: int, uid: int, gid: int) -> str | None:
         if uid == 0 or uid == os.geteuid():
@@ -311,7 +433,9 @@ class Supervisor:
     def _on_readable(self, inst: Instance) -> None:
         try:
             raw, fds, truncated = protocol.recv(inst.conn)
-        except (ConnectionResetError, OSError):
+        except BlockingIOError:
+            return
+        except OSError:
             raw, fds, truncated = b"", [], False
         if not raw and not fds and not truncated:
             self._disconnected(inst)
@@ -336,9 +460,68 @@ class Supervisor:
         finally:
             for s in socks:
                 s.close()  # never keep an fd an instance sent us
+        self._reply(inst, reply, out_fds)
+
+    def _reply(self, inst: Instance, reply: dict[str, Any], fds: list[int]) -> None:
+        """Send a reply now, or queue what the peer's socket cannot take yet: never wait for a peer."""
         try:
-            protocol.send(inst.conn, reply, out_fds)
-        except OSError:
+            frames = protocol.frames(reply, fds)
+        except (ProtocolError, TypeError, ValueError) as exc:
+            log.error("%s: the reply to its request could not be encoded: %s", inst.describe(), exc)
+            frames = protocol.frames(protocol.error_reply("internal", f"the reply could not be encoded: {exc}"))
+        for n, (data, carried) in enumerate(frames):
+            try:
+                protocol.sendmsg(inst.conn, data, carried)
+            except BlockingIOError:
+                self._queue(inst, frames[n:])
+                return
+            except OSError:
+                self._disconnected(inst)
+                return
+
+    def _queue(self, inst: Instance, frames: list[tuple[bytes, list[int]]]) -> None:
+        """Keep the rest of a reply until the peer reads; read nothing more from it meanwhile.
+
+        So a peer's queue holds at most one reply: its further requests wait in
+        the kernel, charged to its own socket buffer.  The fds are duplicated:
+        the originals (a pending instance's listeners) may close before it reads.
+        """
+        for data, carried in frames:
+            dups: list[int] = []
+            try:
+                for fd in carried:
+                    dups.append(os.dup(fd))
+            except OSError as exc:
+                _close_fds(dups)
+                log.warning("%s: cannot keep its reply (%s): dropped", inst.describe(), exc.strerror)
+                self._disconnected(inst)
+                return
+            inst.outbox.append((data, dups))
+        inst.send_by = time.monotonic() + SEND_TIMEOUT
+        self._sel.modify(inst.conn, selectors.EVENT_WRITE, ("conn", inst))
+
+    def _flush(self, inst: Instance) -> None:
+        """Send what waits for a peer; once all is taken, read its requests again."""
+        while inst.outbox:
+            data, carried = inst.outbox[0]
+            try:
+                protocol.sendmsg(inst.conn, data, carried)
+            except BlockingIOError:
+                return
+            except OSError:
+                self._disconnected(inst)
+                return
+            inst.outbox.popleft()
+            _close_fds(carried)
+        self._sel.modify(inst.conn, selectors.EVENT_READ, ("conn", inst))
+
+    def _expire_outboxes(self) -> None:
+        """Drop the peers that left a reply unread past SEND_TIMEOUT."""
+        now = time.monotonic()
+        for inst in [i for i in self.instances.values() if i.outbox and now > i.send_by]:
+            waiting = sum(len(data) for data, _ in inst.outbox)
+            log.warning("%s (uid %d) did not read its replies for %.1f s (%d byte(s) waiting): dropped",
+                        inst.describe(), inst.uid, SEND_TIMEOUT, waiting)
             self._disconnected(inst)
 
     def _handle(self, inst: Instance, req: protocol.Request, socks: list[socket.socket]) -> tuple[dict[str, Any], list[int]]:
@@ -370,8 +553,10 @@ class Supervisor:
         assert req.role is not None and req.pid is not None
         role = self._role_of_worker(req) or req.role
         self._check_room(role)
+        parent_checked = req.parent is None or _may_be_child(inst.pid, req.parent)
+        self._check_quota(inst, req, role, parent_checked)
         inst.role, inst.name, inst.heartbeat = role, req.name, req.heartbeat
-        inst.scope, inst.parent = req.scope, req.parent
+        inst.scope, inst.parent, inst.parent_checked = req.scope, req.parent, parent_checked
         if req.pid != inst.pid:
             log.debug("instance %d says pid %d; the kernel says %d", inst.id, req.pid, inst.pid)
         created: list[socket.socket] = []
@@ -406,9 +591,12 @@ class Supervisor:
         """A worker serves its instance's role, which a promote may have swapped since that instance started."""
         if req.parent is None:
             return None
-        head = next((i for i in self.instances.values() if i.pid == req.parent and i.parent is None
-                     and i.role is not None), None)
+        head = self._head_pid(req.parent)
         return head.role if head is not None else None
+
+    def _head_pid(self, pid: int) -> Instance | None:
+        return next((i for i in self.instances.values() if i.pid == pid and i.parent is None and i.role is not None),
+                    None)
 
     def _sync_head(self, head: Instance | None) -> None:
         """A worker-scope instance is active while any of its workers is (it holds no slot itself)."""
@@ -430,6 +618,32 @@ class Supervisor:
                 raise SlotsFull(
                     f"all {len(self._range(role))} {role.value} slots of {st.address} are taken; "
                     f"stop an old {role.value} instance first")
+
+    def _check_quota(self, inst: Instance, req: protocol.Request, role: Role, parent_checked: bool) -> None:
+        """No uid but root holds more than two instances' worth of one role's slots.
+
+        Else one user (any member of --group) could take every free slot of a
+        role, and the next rolling reload of the real service would fail.  An
+        instance's worth: the instance itself in instance scope; its workers
+        (at most WORKERS_PER_INSTANCE) in worker scope.  A worker counts toward
+        its instance only if it is that process's child (when the kernel lets
+        us check); otherwise it counts as an instance of its own.
+        """
+        if inst.uid == 0:
+            return
+        head = self._head_pid(req.parent) if req.parent is not None and parent_checked else None
+        if head is not None:
+            workers = [w for w in self._workers(head) if w.state != DRAINING and w.parent_checked]
+            if len(workers) >= WORKERS_PER_INSTANCE:
+                raise ProtocolError("quota", f"{head.describe()} already has {len(workers)} workers registered, the "
+                                    f"most one instance may have in worker scope ({WORKERS_PER_INSTANCE})")
+            return
+        held = [i for i in self.instances.values() if i.uid == inst.uid and i.role is role and i.state != DRAINING
+                and i is not inst and (i.parent is None or not i.parent_checked or self._head(i) is None)]
+        if len(held) >= INSTANCES_PER_ROLE_PER_UID:
+            raise ProtocolError("quota", f"uid {inst.uid} already holds {len(held)} {role.value} instances "
+                                f"({', '.join(str(i.id) for i in held)}), the most one user may (the two of a rolling "
+                                f"restart): stop one first")
 
     def _reserved(self, address: Address) -> set[int]:
         return {i.slots[address] for i in self.instances.values() if address in i.slots}
@@ -464,7 +678,7 @@ class Supervisor:
         self._close_pending(inst)
         for address in chosen:
             st = self.states[address]
-            self._update_spans(st.group)
+            self._update_live(st.group)
             self._release_parked(st)
         log.info("%s active in slots %s", inst.describe(), {str(a): s for a, s in chosen.items()})
         if head is not None and head.state in (DRAINED, DEMOTED):
@@ -482,10 +696,10 @@ class Supervisor:
     def _deactivate(self, inst: Instance, new_state: str) -> None:
         for address, slot in inst.slots.items():
             st = self.states[address]
+            self._update_live(st.group, leaving=frozenset({slot}))
             if not st.group.clear_slot(slot, inst.cookies[address]):
                 log.debug("%s: slot %d of %s was already empty", inst.describe(), slot, address)
-            self._set_disabled(st.group, [slot], False)
-            self._update_spans(st.group)
+            self._update_live(st.group)
             self._release_parked(st)
         if inst.slots:
             log.info("%s deactivated (%s)", inst.describe(), new_state)
@@ -519,6 +733,7 @@ class Supervisor:
                 raise ProtocolError("address_mismatch", f"the socket sent for {address} is bound to {local[0]}:{local[1]}")
         inst.role, inst.name, inst.heartbeat = self._role_of_worker(req) or req.role, req.name, req.heartbeat
         inst.scope, inst.parent = req.scope, req.parent
+        inst.parent_checked = req.parent is None or _may_be_child(inst.pid, req.parent)
         for address, sock in zip(self.addresses, socks):
             inst.cookies[address] = socket_cookie(sock)
         if req.active:
@@ -539,7 +754,7 @@ class Supervisor:
                 inst.state = DRAINED  # drained or demoted under the previous supervisor: an operator undrains
             self._start_progress(inst)
             for address in found:
-                self._update_spans(self.states[address].group)
+                self._update_live(self.states[address].group)
                 self._release_parked(self.states[address])
         else:
             # Not yet ready when the old supervisor went away: keep copies until it is.
@@ -552,15 +767,26 @@ class Supervisor:
                 "slots": {str(a): s for a, s in inst.slots.items()}}
 
     def _disconnected(self, inst: Instance) -> None:
-        if inst.role is not None:
-            log.info("%s disconnected", inst.describe())
-        self._deactivate(inst, DRAINING)
-        self._unregister(inst)
+        """A dropped connection counts as ``stop``; the peer is forgotten even if deactivating fails."""
+        if inst.conn.fileno() < 0:
+            return  # already gone
+        try:
+            if inst.role is not None:
+                log.info("%s disconnected", inst.describe())
+            self._deactivate(inst, DRAINING)
+        finally:
+            self._unregister(inst)
 
     def _unregister(self, inst: Instance) -> None:
         fd = inst.conn.fileno()
         if fd >= 0 and self.instances.pop(fd, None) is not None:
+            self._uid_connections[inst.uid] -= 1
+            if self._uid_connections[inst.uid] <= 0:
+                del self._uid_connections[inst.uid]
             self._sel.unregister(inst.conn)
+        for _, carried in inst.outbox:
+            _close_fds(carried)
+        inst.outbox.clear()
         inst.conn.close()
 
     def _close_pending(self, inst: Instance) -> None:
@@ -569,18 +795,19 @@ class Supervisor:
         inst.pending.clear()
 
     # -- slots and parking ----------------------------------------------------------
-    def _update_spans(self, group: Group) -> None:
-        occupied = group.slots()
+    def _update_live(self, group: Group, leaving: frozenset[int] = frozenset()) -> None:
+        """Rebuild the program's live-slot table from the slots the kernel holds.
+
+        ``leaving``: slots about to be cleared.  They leave the table first,
+        so that no new or migrated connection is sent to a slot just emptied.
+        """
+        occupied = set(group.slots()) - leaving
         cfg = group.read_config()
-        spans = []
-        for index in (0, 1):
-            live = [i - slot_range(index)[0] for i in slot_range(index) if i in occupied]
-            spans.append(max(live) + 1 if live else 0)
         disabled = cfg.disabled
         for i in range(64):
             if disabled >> i & 1 and i not in occupied:
                 disabled &= ~(1 << i)  # a slot the kernel emptied keeps no stale mark
-        new = replace(cfg, primary_span=spans[0], standby_span=spans[1], disabled=disabled)
+        new = replace(cfg, disabled=disabled).with_live(occupied)
         if new != cfg:
             group.write_config(new)
 
@@ -595,8 +822,9 @@ class Supervisor:
         mask = cfg.disabled
         for slot in slots:
             mask = mask | (1 << slot) if on else mask & ~(1 << slot)
-        if mask != cfg.disabled:
-            group.write_config(replace(cfg, disabled=mask))
+        new = replace(cfg, disabled=mask).with_live(group.slots())
+        if new != cfg:
+            group.write_config(new)
 
     def _release_parked(self, st: AddressState) -> None:
         """Move what waits on the anchor to a live instance, if there is one.
@@ -702,21 +930,30 @@ class Supervisor:
             return
         queues = _safe_queues() if self.stall_timeout and watched else {}
         for inst in watched:
-            reason = ""
-            if inst.heartbeat and now - inst.last_heartbeat > max(3 * inst.heartbeat, 1.0):
-                reason = f"no heartbeat for {now - inst.last_heartbeat:.1f} s"
-            elif self.stall_timeout and queues:
-                for address, slot in inst.slots.items():
-                    q = queues.get(inst.cookies[address])
-                    hits = self.states[address].group.slot_hits([slot])[slot]
-                    stalled = inst.progress[address].update(hits, q.queued if q else 0, now)
-                    if stalled >= self.stall_timeout:
-                        reason = f"{q.queued if q else 0} connection(s) waited {stalled:.1f} s on {address} with none accepted"
-                        break
-            if reason:
-                self._demote(inst, reason, queues)
+            try:
+                reason = self._hang_reason(inst, now, queues)
+                if reason:
+                    self._demote(inst, reason, queues)
+            except Exception:  # one instance's trouble must not stop the checks of the others
+                self._complain(f"health check of {inst.describe()}")
         for inst in demoted:
-            self._maybe_recover(inst, now)
+            try:
+                self._maybe_recover(inst, now)
+            except Exception:
+                self._complain(f"recovery check of {inst.describe()}")
+
+    def _hang_reason(self, inst: Instance, now: float, queues: dict[int, diag.ListenerQueue]) -> str:
+        """Why an active instance counts as hung ("" if it does not)."""
+        if inst.heartbeat and now - inst.last_heartbeat > max(3 * inst.heartbeat, 1.0):
+            return f"no heartbeat for {now - inst.last_heartbeat:.1f} s"
+        if self.stall_timeout and queues:
+            for address, slot in inst.slots.items():
+                q = queues.get(inst.cookies[address])
+                hits = self.states[address].group.slot_hits([slot])[slot]
+                stalled = inst.progress[address].update(hits, q.queued if q else 0, now)
+                if stalled >= self.stall_timeout:
+                    return f"{q.queued if q else 0} connection(s) waited {stalled:.1f} s on {address} with none accepted"
+        return ""
 
     def _demote(self, inst: Instance, reason: str, queues: dict[int, diag.ListenerQueue]) -> None:
         self._disable(inst, DEMOTED)  # no new connection from here on
@@ -773,7 +1010,7 @@ class Supervisor:
             log.warning("%s: handing over the %s queue failed: %s", inst.describe(), address, exc)
         finally:
             borrowed.close()
-        self._update_spans(st.group)
+        self._update_live(st.group)
 
     def _maybe_recover(self, inst: Instance, now: float) -> None:
         if self.on_hang != "demote":
@@ -845,7 +1082,7 @@ def address_status(address: Address, group: Group, queues: dict[int, diag.Listen
         "prog_id": group.prog_info.id if group.prog_fd >= 0 else None,
         "standby_weight": cfg.standby_weight,
         "roles_swapped": swapped,
-        "spans": {"range0": cfg.primary_span, "range1": cfg.standby_span},
+        "live": {"range0": list(cfg.live[0]), "range1": list(cfg.live[1])},
         "parking": {"slotted": PARKING_SLOT in slots, **_queue_dict(queues.get(park_cookie) if park_cookie else None)},
         "slots": [
             {"slot": i, "role": role_of(i), "cookie": c, "instance": owners.get(c),
@@ -883,6 +1120,26 @@ def _adopt_fds(fds: list[int]) -> tuple[list[socket.socket], int]:
             os.close(fd)
             junk += 1
     return socks, junk
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _may_be_child(pid: int, parent: int) -> bool:
+    """False only when /proc shows that ``pid`` is not a child of ``parent`` (a peer in a PID namespace we
+    cannot see has pid 0, and passes: nothing to check against)."""
+    if pid <= 0:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rpartition(")")[2].split()[1]) == parent
+    except (OSError, ValueError, IndexError):
+        return True
 
 
 def _children(pid: int) -> list[int]:
