@@ -23,11 +23,18 @@ def collect(service: str, control: str | None = None, pin_root: str = DEFAULT_PI
 def offline(service: str, pin_root: str, reason: str) -> dict[str, Any]:
     """Read the pinned maps directly: traffic may well be flowing without a supervisor."""
     base = Path(pin_root) / protocol.check_service(service)
-    if not base.is_dir():
-        raise SupervisorUnavailable(f"{reason}; and nothing is pinned for service {service!r} at {base}")
+    try:
+        if not base.is_dir():
+            raise SupervisorUnavailable(f"{reason}; and nothing is pinned for service {service!r} at {base}")
+        pins = sorted(base.iterdir())
+    except PermissionError as exc:
+        raise SupervisorUnavailable(
+            f"{reason}; and the pins at {base} cannot be read ({exc.filename}: {exc.strerror}). systemd mounts "
+            f"{DEFAULT_PIN_ROOT.rsplit('/', 1)[0]} with mode 0700: run this as root, or let the service's group "
+            f"read status while the supervisor is down by allowing traversal (docs/deployment.md)") from None
     queues = diag.listeners()
     addresses = []
-    for pin in sorted(base.iterdir()):
+    for pin in pins:
         address = Address.parse(pin.name.replace("_", "."))
         with Group.adopt(pin) as group:
             addresses.append(address_status(address, group, queues))

@@ -81,13 +81,14 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     if analyze is None:
         pytest.skip("systemd-analyze is not installed")
     units = sorted(SYSTEMD.glob("*.service"))
-    assert [u.name for u in units] == ["myapp@.service", "reuseport-standby@.service"]
+    assert [u.name for u in units] == ["myapp-run.service", "myapp@.service", "reuseport-standby@.service"]
     for unit in units:
         text = unit.read_text()
         text = text.replace("/opt/reuseport-standby/bin/", f"{VENV_BIN}/").replace("/opt/myapp/venv/bin/", f"{VENV_BIN}/")
         (tmp_path / unit.name).write_text(text)
     r = subprocess.run([analyze, "verify", "reuseport-standby@myapp.service", "myapp@primary.service",
-                        "myapp@standby.service"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                        "myapp@standby.service", "myapp-run.service"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode == 0 and r.stdout + r.stderr == "", r.stdout + r.stderr
 
 
@@ -106,6 +107,21 @@ def test_supervisor_unit_grants_exactly_the_needed_capabilities() -> None:
     assert values(app, "Unit", "Wants") == ["reuseport-standby@myapp.service"]
     assert not values(app, "Unit", "Requires") and not values(app, "Unit", "BindsTo"), \
         "restarting the supervisor must not restart the app"
+
+
+@pytest.mark.parametrize("name", ["reuseport-standby@.service", "myapp-run.service"])
+def test_units_that_pin_keep_their_bpffs_directory_writable(name: str) -> None:
+    """systemd's ProtectKernelTunables= lists /sys/fs/bpf itself as read-only, and a setting naming that same
+    path (ReadWritePaths=, BindPaths=) cannot reopen it; a directory below it can (found in the Debian 12 VM,
+    make vm-test, which runs these units)."""
+    unit = parse_unit(SYSTEMD / name)
+    assert values(unit, "Service", "ProtectKernelTunables") == ["yes"]
+    writable = [p.lstrip("-") for p in
+                " ".join(values(unit, "Service", "ReadWritePaths") + values(unit, "Service", "BindPaths")).split()]
+    assert "/sys/fs/bpf" not in writable, "systemd keeps /sys/fs/bpf read-only under ProtectKernelTunables=yes"
+    service_dir = next(p for p in writable if p.startswith("/sys/fs/bpf/reuseport_standby/"))
+    pre = " ".join(values(unit, "Service", "ExecStartPre"))
+    assert pre.startswith("+") and service_dir in pre, "the directory must exist before the sandbox is built"
 
 
 def _manifests() -> list[dict]:

@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.request
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -212,4 +213,21 @@ def test_group_members_read_pins_without_privilege(supervisor) -> None:
     pin = next((sup.pin_root / sup.service).iterdir())
     r = subprocess.run([sys.executable, "-c", code_w, str(pin)], cwd=REPO, capture_output=True, text=True, timeout=30)
     assert r.stdout.startswith("refused"), r.stdout + r.stderr
+    # Where systemd mounted bpffs (mode 0700, found in the Debian 12 VM): a clear answer, no traceback.
+    bpffs = Path("/sys/fs/bpf")
+    mode = bpffs.stat().st_mode & 0o7777
+    cli = ("import os, sys; from reuseport_standby import cli, status\n"
+           "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+           "sys.exit(cli.main(['status', '--service', sys.argv[1], '--control', sys.argv[2], '--pin-root', sys.argv[3]]))\n")
+    run_cli = lambda: subprocess.run([sys.executable, "-c", cli, sup.service, sup.control, str(sup.pin_root)],  # noqa: E731
+                                     cwd=REPO, capture_output=True, text=True, timeout=30)
+    try:
+        bpffs.chmod(0o700)
+        refused = run_cli()
+        bpffs.chmod(0o701)  # the remedy docs/deployment.md gives: traversal only
+        allowed = run_cli()
+    finally:
+        bpffs.chmod(mode)
+    assert refused.returncode == 3 and "Traceback" not in refused.stderr and "mode 0700" in refused.stderr, refused.stderr
+    assert allowed.returncode == 3 and "state read from pins" in allowed.stdout, allowed.stdout + allowed.stderr
     primary.stop()
