@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: host venv test demo bpf bpf-check bench bench-restarts clean
+.PHONY: host venv test test-fast demo bpf bpf-check bench bench-restarts vm-test clean
 
 host:
 	@bash scripts/setup-host.sh
@@ -20,6 +20,10 @@ venv: $(VENV)/.installed
 
 test: host venv bpf-check
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The tests that need neither root nor BPF (marked automatically: tests/conftest.py).
+test-fast: venv
+	$(PY) -m pytest -m "not kernel" -q $(PYTEST_ARGS)
 
 demo: host venv
 	$(VENV)/bin/reuseport-standby demo
@@ -37,6 +41,13 @@ bench: host venv
 # More: BENCH_ARGS="--server uvicorn"; bench/restarts.py --help.
 bench-restarts: host venv
 	$(PY) bench/restarts.py $(BENCH_ARGS)
+
+# The VM checks (scripts/vm/): Debian 12's kernel 6.1 with systemd as PID 1, the
+# kernel tests and the documented systemd deployment under load.  The image is
+# built once and cached; results in build/vm-test/.
+vm-test: venv
+	@bash scripts/setup-host.sh --vm
+	PYTHON=$(PY) bash scripts/vm/run-vm.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

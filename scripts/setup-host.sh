@@ -3,11 +3,14 @@
 # the system libbpf, clang + libbpf headers (to rebuild and check the BPF object),
 # bpftool and iproute2 (nstat/ss, used by tests and benchmarks), BCC and kernel
 # headers (for the optional BCC loader), and a mounted bpffs.
+# With --vm, also what `make vm-test` needs to build and boot a Debian 12 VM
+# (debootstrap, qemu, e2fsprogs for mkfs.ext4 -d and debugfs).
 # Idempotent: installs only what is missing.
 set -euo pipefail
 
 arch=$(dpkg --print-architecture)
 packages=(libbpf1 libbpf-dev clang llvm bpftool iproute2 python3-venv make python3-bpfcc)
+[ "${1:-}" = --vm ] && packages+=(debootstrap qemu-system-x86 e2fsprogs)
 
 if [ "$(id -u)" != 0 ]; then
   echo "setup-host: run as root (needs apt-get and mount)" >&2

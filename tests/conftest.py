@@ -80,6 +80,25 @@ def kernel() -> None:
     require_kernel()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Here rather than in pyproject.toml: the VM checks run these tests without the project's config.
+    config.addinivalue_line("markers", "kernel: needs root, bpffs or a kernel that loads the program "
+                                       "(set automatically from the fixtures)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that needs root or the BPF program as ``kernel``, so that
+    ``pytest -m "not kernel"`` (make test-fast) selects exactly the ones that need neither.
+
+    A test needs them when its fixtures reach ``kernel`` (``pin_root``, ``supervisor`` and every
+    fixture that starts a supervisor do); a test that needs root without them says so itself
+    with ``@pytest.mark.kernel``.
+    """
+    for item in items:
+        if "kernel" in getattr(item, "fixturenames", ()) and item.get_closest_marker("kernel") is None:
+            item.add_marker(pytest.mark.kernel)
+
+
 @pytest.fixture
 def pin_root(kernel: None) -> "Path":
     """A service-level pin root of this test's own, removed afterwards."""
