@@ -50,7 +50,7 @@ cp -L "$root/vmlinuz" "$out.tmp/vmlinuz"
 cp -L "$root/initrd.img" "$out.tmp/initrd.img"
 rm -rf "$root/var/cache/apt/archives/"*.deb
 size_mb=$(( $(du -sm "$root" | cut -f1) + 1024 ))
-mkfs.ext4 -q -L rs-vm-root -d "$root" "$out.tmp/base.img" "${size_mb}M"
+mkfs.ext4 -q -L rs-vm-root -d "$root" "$out.tmp/base.img" "${size_mb}M" >&2  # stdout carries only the result
 rm -rf "$root"
 rm -rf "$out"; mv "$out.tmp" "$out"
 log "image built in $(( $(date +%s) - start )) s: $out"

@@ -26,6 +26,7 @@ for tool in qemu-system-x86_64 debootstrap mkfs.ext4 debugfs; do
 done
 
 img=$(bash "$here/build-image.sh")
+[ -f "$img/base.img" ] || { log "the image build did not give a directory with base.img: $img"; exit 1; }
 t_image=$(date +%s)
 
 work=$(mktemp -d /var/tmp/rs-vm.XXXXXX)
@@ -57,7 +58,7 @@ cp -r "$here/guest" "$payload/guest"
 cp "${VM_GUEST_SCRIPT:-$here/guest/run.sh}" "$payload/run.sh"
 echo $(( limit - 120 )) >"$payload/timeout"
 chmod -R a+rX "$payload"   # tests drop to nobody; mktemp made the top 0700   # the guest stops its own checks first
-mkfs.ext4 -q -L rs-payload -d "$payload" "$work/payload.img" 1G
+mkfs.ext4 -q -L rs-payload -d "$payload" "$work/payload.img" 1G >&2
 
 # -- boot ----------------------------------------------------------------------
 boot() {  # boot ACCEL: start qemu in the background
