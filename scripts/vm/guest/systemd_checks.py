@@ -272,26 +272,30 @@ def restarts_under_load() -> None:
          lambda: sh("systemctl", "restart", "myapp@primary", timeout=200)),
     ]
     load = Load("127.0.0.1", PORT, concurrency=4, duration=900, max_requests=10_000_000).start()
-    marks: list[tuple[str, float, float]] = []
+    # (name, action started, line after which nothing may fail, action returned)
+    marks: list[tuple[str, float, float, float]] = []
     try:
         time.sleep(3)
         for name, act in actions:
             t0 = time.monotonic()
             line = act()  # a SIGKILL draws the line when its processes are gone
-            marks.append((name, line if isinstance(line, float) else t0, time.monotonic()))
+            marks.append((name, t0, line if isinstance(line, float) else t0, time.monotonic()))
             time.sleep(4)  # requests keep flowing while the restarted instance settles
     finally:
         result = load.stop()
     end = time.monotonic()
     log(f"load: {result.summary()}")
-    for i, (name, t0, t1) in enumerate(marks):
-        nxt = marks[i + 1][1] if i + 1 < len(marks) else end
-        after = failures_in(result, t0, nxt)
-        window = [f for f in result.failure_events if marks[i - 1][2] <= f[1] < nxt] if i else after
+    for i, (name, t0, line, t1) in enumerate(marks):
+        nxt = marks[i + 1][1] if i + 1 < len(marks) else end  # until the next action starts
+        after = failures_in(result, line, nxt)
+        in_flight = failures_in(result, t0, line)  # sent before SIGKILLed processes were gone: they held them
         check(f"under load, {name}: 0 failed requests of those sent after it",
-              not after, failed_after=len(after), failed_in_window=len(window), action_seconds=round(t1 - t0, 2),
-              kinds=sorted({k for _, _, k in after}), kinds_in_window=sorted({k for _, _, k in window}))
-    check("under load: requests served through all of it", result.ok > 0 and result.total > 0,
+              not after, failed_after=len(after), in_flight_when_killed=len(in_flight),
+              action_seconds=round(t1 - t0, 2), kinds=sorted({k for _, _, k in after}),
+              in_flight_kinds=sorted({k for _, _, k in in_flight}))
+    before = failures_in(result, 0.0, marks[0][1]) if marks else []
+    check("under load: requests served through all of it, none failed before the first action",
+          result.ok > 0 and not before, failed_before=len(before),
           requests=result.total, served=result.ok, failed=result.failed, failures=dict(result.failures),
           max_latency_ms=round(result.max_latency * 1000), p99_ms=round(result.percentile(0.99) * 1000))
     six, _ = one_request("::1", PORT)
