@@ -11,6 +11,7 @@ and finds the slots exactly as the kernel kept them.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -18,6 +19,7 @@ import os
 import platform
 import socket
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -413,11 +415,12 @@ def prog_pin_name(migrate: bool) -> str:
     return "prog_migrate" if migrate else "prog_select"
 
 
-def _load(lib: _libbpf.LibBpf, obj_path: str, pin_dir: Path, migrate: bool) -> tuple[int, dict[str, int]]:
-    """Open and load the object with maps pinned by name under ``pin_dir``."""
-    logbuf = ctypes.create_string_buffer(_LOG_SIZE)
+@contextlib.contextmanager
+def _opened(lib: _libbpf.LibBpf, obj_path: str, pin_dir: Path, migrate: bool, logbuf: ctypes.Array,
+            log_level: int = 0) -> Iterator[tuple[int, int]]:
+    """The object opened with maps pinned by name under ``pin_dir``, its program's attach type set: (obj, prog)."""
     try:
-        obj = lib.open_object(obj_path, str(pin_dir), logbuf)
+        obj = lib.open_object(obj_path, str(pin_dir), logbuf, log_level=log_level)
     except OSError as exc:
         raise BpfUnavailable(f"cannot open BPF object {obj_path}: {exc.strerror}") from exc
     try:
@@ -426,6 +429,15 @@ def _load(lib: _libbpf.LibBpf, obj_path: str, pin_dir: Path, migrate: bool) -> t
             raise BpfUnavailable(f"{obj_path} has no program named {PROG_NAME}")
         attach = _libbpf.BPF_SK_REUSEPORT_SELECT_OR_MIGRATE if migrate else _libbpf.BPF_SK_REUSEPORT_SELECT
         lib.check(lib.lib.bpf_program__set_expected_attach_type(prog, attach), "set attach type")
+        yield obj, prog
+    finally:
+        lib.lib.bpf_object__close(obj)
+
+
+def _load(lib: _libbpf.LibBpf, obj_path: str, pin_dir: Path, migrate: bool) -> tuple[int, dict[str, int]]:
+    """Open and load the object with maps pinned by name under ``pin_dir``."""
+    logbuf = ctypes.create_string_buffer(_LOG_SIZE)
+    with _opened(lib, obj_path, pin_dir, migrate, logbuf) as (obj, prog):
         rc = lib.lib.bpf_object__load(obj)
         if rc < 0:
             verifier_log = logbuf.value.decode(errors="replace")
@@ -441,8 +453,6 @@ def _load(lib: _libbpf.LibBpf, obj_path: str, pin_dir: Path, migrate: bool) -> t
                 raise BpfUnavailable(f"{obj_path} has no map named {name}")
             map_fds[name] = os.dup(lib.check(lib.lib.bpf_map__fd(m), f"{name} fd"))
         return prog_fd, map_fds
-    finally:
-        lib.lib.bpf_object__close(obj)
 
 
 _LOG_SIZE = 64 * 1024  # 6.4+ keep the end of a longer log; before, the errors-only retry below
@@ -452,18 +462,11 @@ def _errors_only_log(lib: _libbpf.LibBpf, obj_path: str, pin_dir: Path, migrate:
     """Load once more, logging only the verifier's errors, after the full log overflowed."""
     logbuf = ctypes.create_string_buffer(_LOG_SIZE)
     try:
-        obj = lib.open_object(obj_path, str(pin_dir), logbuf, log_level=_libbpf.BPF_LOG_STATS)
-    except OSError:
+        with _opened(lib, obj_path, pin_dir, migrate, logbuf, log_level=_libbpf.BPF_LOG_STATS) as (obj, _):
+            lib.lib.bpf_object__load(obj)
+    except (OSError, BpfUnavailable):
         return ""
-    try:
-        prog = lib.lib.bpf_object__find_program_by_name(obj, PROG_NAME.encode())
-        attach = _libbpf.BPF_SK_REUSEPORT_SELECT_OR_MIGRATE if migrate else _libbpf.BPF_SK_REUSEPORT_SELECT
-        if prog:
-            lib.lib.bpf_program__set_expected_attach_type(prog, attach)
-        lib.lib.bpf_object__load(obj)
-        return logbuf.value.decode(errors="replace")
-    finally:
-        lib.lib.bpf_object__close(obj)
+    return logbuf.value.decode(errors="replace")
 
 
 def _load_error(err: int, obj_path: str, pin_dir: Path, verifier_log: str) -> Exception:
