@@ -20,10 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from reuseport_standby import libbpf  # noqa: E402
-from reuseport_standby.layout import PARKING_SLOT, Config, Role  # noqa: E402
-from reuseport_standby.loader import DEFAULT_PIN_ROOT, Group  # noqa: E402
-from reuseport_standby.sockets import Address, create_listener  # noqa: E402
+from reuseport_standby.kernel import libbpf  # noqa: E402
+from reuseport_standby.kernel.layout import PARKING_SLOT, Config, Role  # noqa: E402
+from reuseport_standby.kernel.pins import DEFAULT_PIN_ROOT; from reuseport_standby.kernel.group import Group# noqa: E402
+from reuseport_standby.kernel.sockets import Address, create_listener  # noqa: E402
 
 BASE = Path(DEFAULT_PIN_ROOT) / f"bench-{uuid.uuid4().hex[:8]}"
 
@@ -63,7 +63,7 @@ def rss() -> dict[str, float]:
         "import sys\n"
         "def hwm():\n"
         "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
-        "base = hwm(); sys.path.insert(0, sys.argv[2]); from reuseport_standby.loader import Group\n"
+        "base = hwm(); sys.path.insert(0, sys.argv[2]); from reuseport_standby.kernel.group import Group\n"
         "imp = hwm(); g = Group.open(sys.argv[1]); print(base, imp, hwm())\n"
     )
     out = subprocess.run([sys.executable, "-c", code, str(BASE / "rss"), str(Path(__file__).resolve().parent.parent)],

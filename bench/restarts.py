@@ -132,7 +132,7 @@ def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
 @contextmanager
 def bpf_stats() -> Iterator[bool]:
     """Program run-time statistics on for the duration (the fd-scoped form of kernel.bpf_stats_enabled)."""
-    from reuseport_standby import libbpf
+    from reuseport_standby.kernel import libbpf
 
     fd = libbpf.load().lib.bpf_enable_stats(libbpf.BPF_STATS_RUN_TIME)
     try:

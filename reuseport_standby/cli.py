@@ -11,8 +11,8 @@ from typing import Sequence
 
 from . import __version__, protocol, uvicorn_cli
 from .errors import ReuseportStandbyError, SupervisorUnavailable
-from .loader import DEFAULT_PIN_ROOT
-from .sockets import DEFAULT_BACKLOG, Address
+from .kernel.pins import DEFAULT_PIN_ROOT
+from .kernel.sockets import DEFAULT_BACKLOG, Address
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
 

@@ -20,8 +20,8 @@ from typing import Any
 
 from . import protocol
 from .errors import ProtocolError, SupervisorUnavailable
-from .layout import Role
-from .sockets import Address
+from .kernel.layout import Role
+from .kernel.sockets import Address
 
 log = logging.getLogger(__name__)
 

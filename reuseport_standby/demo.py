@@ -26,7 +26,7 @@ from typing import Callable
 
 from . import client
 from .errors import ReuseportStandbyError, SupervisorUnavailable
-from .loader import DEFAULT_PIN_ROOT
+from .kernel.pins import DEFAULT_PIN_ROOT
 from .loadgen import Load, LoadResult
 from .runner import request_reload
 

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from . import protocol
 from .client import InstanceClient
 from .errors import ReuseportStandbyError
-from .layout import WORKERS_PER_INSTANCE, Role
+from .kernel.layout import WORKERS_PER_INSTANCE, Role
 
 if TYPE_CHECKING:
     import socket

@@ -15,9 +15,10 @@ import time
 import uuid
 from pathlib import Path
 
-from .layout import Config, Role
-from .loader import DEFAULT_PIN_ROOT, Group
-from .sockets import Address, create_listener
+from .kernel.layout import Config, Role
+from .kernel.pins import DEFAULT_PIN_ROOT
+from .kernel.group import Group
+from .kernel.sockets import Address, create_listener
 
 
 def _free_port() -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Iterator
 
-from .sockets import Address
+from .kernel.sockets import Address
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
@@ -90,7 +90,7 @@ class SupervisorCollector:
 
 
 def _cookie(sock: object) -> int:
-    from .loader import socket_cookie
+    from .kernel.sockets import socket_cookie
 
     try:
         return socket_cookie(sock)  # type: ignore[arg-type]

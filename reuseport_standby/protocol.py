@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import ProtocolError, ReuseportStandbyError
-from .layout import Role
+from .kernel.layout import Role
 
 VERSION = 1
 #: every message on the wire, either way: a request is one message, so what a peer makes us read stays bounded

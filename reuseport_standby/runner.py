@@ -30,8 +30,8 @@ from typing import Any, Sequence
 
 from . import client, protocol
 from .errors import ProtocolError, ReuseportStandbyError, SupervisorUnavailable
-from .layout import Role
-from .sockets import Address
+from .kernel.layout import Role
+from .kernel.sockets import Address
 from .wrap import instance_command
 
 log = logging.getLogger(__name__)

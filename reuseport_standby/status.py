@@ -6,10 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from . import client, diag, protocol
+from . import client, protocol
+from .kernel import diag
 from .errors import SupervisorUnavailable
-from .loader import DEFAULT_PIN_ROOT, Group
-from .sockets import Address
+from .kernel.pins import DEFAULT_PIN_ROOT
+from .kernel.group import Group
+from .kernel.sockets import Address
 from .supervisor import address_status
 
 

@@ -31,11 +31,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import diag, pidfd, protocol
+from . import protocol
+from .kernel import diag, pidfd
 from .errors import ProtocolError, ReuseportStandbyError, SlotsFull
-from .layout import FLAG_SWAP_ROLES, PARKING_SLOT, WORKERS_PER_INSTANCE, Role, slot_range
-from .loader import DEFAULT_PIN_ROOT, Group, socket_cookie
-from .sockets import DEFAULT_BACKLOG, Address, create_listener, is_listening_tcp, requeue
+from .kernel.layout import FLAG_SWAP_ROLES, PARKING_SLOT, WORKERS_PER_INSTANCE, Role, slot_range
+from .kernel.pins import DEFAULT_PIN_ROOT
+from .kernel.group import Group
+from .kernel.sockets import socket_cookie
+from .kernel.sockets import DEFAULT_BACKLOG, Address, create_listener, is_listening_tcp, requeue
 
 log = logging.getLogger(__name__)
 

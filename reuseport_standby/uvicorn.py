@@ -69,7 +69,7 @@ from uvicorn.supervisors import Multiprocess
 from . import protocol
 from .client import InstanceClient
 from .errors import ReuseportStandbyError
-from .layout import WORKERS_PER_INSTANCE, Role
+from .kernel.layout import WORKERS_PER_INSTANCE, Role
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from . import protocol
-from .layout import WORKERS_PER_INSTANCE
+from .kernel.layout import WORKERS_PER_INSTANCE
 
 if TYPE_CHECKING:
     import click

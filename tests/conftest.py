@@ -21,7 +21,7 @@ def kernel_problem() -> str | None:
     if os.geteuid() != 0:
         return "kernel tests need root (CAP_BPF, bpffs write access)"
     try:
-        from reuseport_standby.loader import Group
+        from reuseport_standby.kernel.group import Group
 
         pin = TEST_PIN_BASE / f"probe-{uuid.uuid4().hex[:8]}"
         with Group.open(pin, mount_bpffs=True):
@@ -56,7 +56,7 @@ def remove_pins(path: Path) -> None:
 @functools.lru_cache(maxsize=1)
 def bcc_problem() -> str | None:
     try:
-        from reuseport_standby import bcc_loader
+        from reuseport_standby.kernel import bcc_loader
 
         bcc_loader.import_bcc()
         return bcc_loader.headers_problem()

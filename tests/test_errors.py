@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from reuseport_standby.errors import BpfUnavailable
-from reuseport_standby.loader import check_bpffs
-from reuseport_standby.sockets import Address
+from reuseport_standby.kernel.pins import check_bpffs
+from reuseport_standby.kernel.sockets import Address
 
 
 def test_bpffs_missing_says_how_to_mount(tmp_path: Path) -> None:
@@ -47,7 +47,7 @@ def test_libbpf_missing_says_what_to_install(monkeypatch: pytest.MonkeyPatch) ->
     """No libbpf on the machine (the loader's only way in): a clear install hint, not a ctypes trace."""
     import ctypes
 
-    from reuseport_standby import libbpf
+    from reuseport_standby.kernel import libbpf
 
     def no_such_library(name, *a, **k):
         raise OSError(f"{name}: cannot open shared object file: No such file or directory")
@@ -66,7 +66,7 @@ def test_libbpf_missing_says_what_to_install(monkeypatch: pytest.MonkeyPatch) ->
 def test_bcc_missing_and_headers_missing_say_what_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import sys
 
-    from reuseport_standby import bcc_loader
+    from reuseport_standby.kernel import bcc_loader
 
     monkeypatch.setitem(sys.modules, "bcc", None)  # as if not installed anywhere
     monkeypatch.setattr(bcc_loader, "SYSTEM_DIST_PACKAGES", (str(tmp_path),))
@@ -80,7 +80,7 @@ def test_default_loader_never_imports_bcc(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    code = ("import sys, reuseport_standby.supervisor, reuseport_standby.cli, reuseport_standby.loader\n"
+    code = ("import sys, reuseport_standby.supervisor, reuseport_standby.cli, reuseport_standby.kernel.group\n"
             "print('bcc' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -23,7 +23,7 @@ from procs import REPO, SupervisorProc, wait_for
 from servers import APPS, InstanceProc, Probe, TracedReport, gunicorn_cmd, restart_traced, worker_pids
 from reuseport_standby.gunicorn import compose
 from reuseport_standby.loadgen import Load, LoadResult
-from reuseport_standby.sockets import Address
+from reuseport_standby.kernel.sockets import Address
 
 HOST = "127.0.0.1"
 CONCURRENCY = 8

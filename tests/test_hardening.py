@@ -405,7 +405,7 @@ def inproc(pin_root: Path, short_tmp: Path):
     import uuid
 
     from conftest import free_port
-    from reuseport_standby.sockets import Address
+    from reuseport_standby.kernel.sockets import Address
     from reuseport_standby.supervisor import Supervisor
 
     sup = Supervisor(f"t{uuid.uuid4().hex[:10]}", [Address("127.0.0.1", free_port())],

@@ -13,9 +13,9 @@ import pytest
 
 from conftest import free_port, require_bcc
 from netutil import accept_pending, collect, open_clients, serve
-from reuseport_standby.layout import PARKING_SLOT, Config, Counter, Role
-from reuseport_standby.loader import Group, socket_cookie
-from reuseport_standby.sockets import Address, create_listener, requeue
+from reuseport_standby.kernel.layout import PARKING_SLOT, Config, Counter, Role
+from reuseport_standby.kernel.group import Group; from reuseport_standby.kernel.sockets import socket_cookie
+from reuseport_standby.kernel.sockets import Address, create_listener, requeue
 
 P0 = Role.PRIMARY.slot_range[0]
 S0 = Role.STANDBY.slot_range[0]
@@ -275,7 +275,7 @@ def test_slot_refuses_overwrite_and_cookie_guards_clear(pin_root: Path, address:
 def test_pinned_state_outlives_loader_and_is_readopted(pin_root: Path, address: Address, loader: str) -> None:
     pin = pin_root / address.group_name
     code = (
-        "import sys; from reuseport_standby.loader import Group; from reuseport_standby.layout import Config\n"
+        "import sys; from reuseport_standby.kernel.group import Group; from reuseport_standby.kernel.layout import Config\n"
         "g = Group.open(sys.argv[1], loader=sys.argv[2]); g.write_config(Config(live=((0, 1, 2), ()), standby_weight=7))\n"
         "print(g.prog_info.id, g.map_ids['rs_slots'])\n"
     )
@@ -360,8 +360,8 @@ def test_without_cap_bpf_the_error_says_what_is_missing(pin_root: Path, kernel: 
     os.chmod(pin_root, 0o777)
     os.chmod(pin, 0o777)
     code = (
-        "import os, sys; from reuseport_standby.loader import Group, packaged_object\n"
-        "from reuseport_standby import errors, libbpf\n"
+        "import os, sys; from reuseport_standby.kernel.group import Group; from reuseport_standby.kernel.libbpf_loader import packaged_object\n"
+        "from reuseport_standby import errors; from reuseport_standby.kernel import libbpf\n"
         "libbpf.load(); obj = packaged_object()  # resolved before dropping privileges\n"
         "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
         "try:\n  Group.open(sys.argv[1], obj_path=obj); print('LOADED')\n"
@@ -376,7 +376,7 @@ def test_without_cap_bpf_the_error_says_what_is_missing(pin_root: Path, kernel: 
 def test_bcc_loads_a_users_variant_and_shows_compiler_errors(pin_root: Path, tmp_path: Path, kernel: None) -> None:
     """--bpf-source: a variant (here: the standby first, always) runs; a broken one says why."""
     require_bcc()
-    from reuseport_standby.bcc_loader import packaged_source
+    from reuseport_standby.kernel.bcc_loader import packaged_source
     from reuseport_standby.errors import BpfUnavailable
 
     variant = tmp_path / "standby_first.bpf.c"
@@ -410,7 +410,7 @@ def _least_privilege(*cmd: str) -> list[str]:
 def test_program_loads_with_cap_bpf_alone(pin_root: Path, loader: str) -> None:
     """The least privilege docs/security.md states: CAP_BPF, no CAP_PERFMON, on 6.1 as on newer kernels."""
     pin = pin_root / f"least-{loader}"
-    code = ("import sys; from reuseport_standby.loader import Group\n"
+    code = ("import sys; from reuseport_standby.kernel.group import Group\n"
             "with Group.open(sys.argv[1], loader=sys.argv[2]) as g: print(g.prog_info.xlated_prog_len // 8)\n")
     r = subprocess.run(_least_privilege(sys.executable, "-c", code, str(pin), loader),
                        capture_output=True, text=True, timeout=300)
@@ -424,8 +424,8 @@ def test_verifier_rejection_shows_the_verifiers_conclusion(pin_root: Path, tmp_p
     """Never a bare ENOSPC: when the log overflows its buffer the loader still shows why the verifier said no."""
     import shutil
 
-    from reuseport_standby import loader as loader_mod
-    from reuseport_standby.bcc_loader import packaged_source
+    from reuseport_standby.kernel import libbpf_loader as loader_mod
+    from reuseport_standby.kernel.bcc_loader import packaged_source
     from reuseport_standby.errors import BpfUnavailable
 
     clang = shutil.which("clang")

@@ -7,7 +7,7 @@ import sys
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reuseport_standby.layout import (CONFIG_SIZE, NR_SLOTS, PARKING_SLOT, SLOTS_PER_ROLE, Config, live_table,
+from reuseport_standby.kernel.layout import (CONFIG_SIZE, NR_SLOTS, PARKING_SLOT, SLOTS_PER_ROLE, Config, live_table,
                                       slot_range)
 
 slots = st.sets(st.integers(0, NR_SLOTS - 1))

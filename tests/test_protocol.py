@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from reuseport_standby import protocol
 from reuseport_standby.errors import ProtocolError
-from reuseport_standby.layout import Role
+from reuseport_standby.kernel.layout import Role
 
 json_scalars = st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False) | st.text(max_size=20)
 json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=10)
@@ -97,7 +97,7 @@ def test_live_supervisor_survives_random_messages(supervisor) -> None:
 
 def test_layout_matches_c_header() -> None:
     """reuseport_standby/layout.py mirrors bpf/standby.h."""
-    from reuseport_standby import layout
+    from reuseport_standby.kernel import layout
 
     header = (Path(__file__).parent.parent / "bpf" / "standby.h").read_text()
     defs = dict(re.findall(r"#define (RS_\w+) (\d+)", header))

@@ -192,7 +192,7 @@ def test_group_members_read_pins_without_privilege(supervisor) -> None:
     sup.kill(signal.SIGKILL)
     # Everything is imported before dropping to nobody (this interpreter lives under /root).
     code = (
-        "import os, sys, json; from reuseport_standby import status, diag, client, loader, supervisor\n"
+        "import os, sys, json; from reuseport_standby import status, client, supervisor; from reuseport_standby.kernel import diag, group\n"
         "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
         "st = status.collect(sys.argv[1], sys.argv[2], sys.argv[3]); print(json.dumps(st))\n"
     )
@@ -205,7 +205,7 @@ def test_group_members_read_pins_without_privilege(supervisor) -> None:
     assert st["source"] == "pins" and st["addresses"][0]["counters"]["selected_primary"] == 4
     # ...but cannot write: a read-only fd refuses map updates.
     code_w = (
-        "import os, sys; from reuseport_standby.loader import Group; from reuseport_standby.layout import Config\n"
+        "import os, sys; from reuseport_standby.kernel.group import Group; from reuseport_standby.kernel.layout import Config\n"
         "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
         "g = Group.adopt(sys.argv[1])\n"
         "try:\n  g.write_config(Config()); print('WROTE')\nexcept OSError as e: print('refused', e.errno)\n"

@@ -36,7 +36,7 @@ from servers import (
 
 from reuseport_standby import cli
 from reuseport_standby.loadgen import Load
-from reuseport_standby.sockets import Address
+from reuseport_standby.kernel.sockets import Address
 
 CONCURRENCY = 6
 QUIET = ("--no-access-log",)

@@ -25,9 +25,9 @@ from test_gunicorn import HELD_BY_WORKERS, check_faults
 from test_uvicorn import CONFIGS, Instances, check_traced
 
 from reuseport_standby import status as status_mod
-from reuseport_standby.layout import WORKERS_PER_INSTANCE
+from reuseport_standby.kernel.layout import WORKERS_PER_INSTANCE
 from reuseport_standby.loadgen import Load, LoadResult
-from reuseport_standby.sockets import Address
+from reuseport_standby.kernel.sockets import Address
 
 pytestmark = pytest.mark.kernel
 

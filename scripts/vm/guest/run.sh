@@ -60,7 +60,7 @@ least_privilege() {
   local pins=/sys/fs/bpf/rs-least-privilege
   setpriv --inh-caps=-all,+bpf --ambient-caps=-all,+bpf --bounding-set=-all,+bpf \
     /opt/rs-checks/bin/python -c "
-import time; from reuseport_standby.loader import Group
+import time; from reuseport_standby.kernel.group import Group
 t = time.monotonic(); g = Group.open('$pins'); info = g.prog_info
 print(f'loaded with CAP_BPF only in {(time.monotonic() - t) * 1000:.0f} ms: prog id {info.id}, tag {g.prog_tag}, {info.xlated_prog_len // 8} insns')
 g.close()"

@@ -26,9 +26,9 @@ from types import ModuleType
 from typing import Iterator
 
 from . import libbpf as _libbpf
-from .errors import BpfUnavailable, IncompatiblePins, PermissionProblem
+from ..errors import BpfUnavailable, IncompatiblePins, PermissionProblem
 from .layout import CONFIG_SIZE, NR_COUNTERS, NR_SLOTS
-from .loader import MAP_NAMES, PROG_NAME, Group, check_bpffs
+from .pins import MAP_NAMES, PROG_NAME
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ SYSTEM_DIST_PACKAGES = ("/usr/lib/python3/dist-packages",)
 
 
 def packaged_source() -> Path:
-    return Path(__file__).resolve().parent / "_bpf" / "standby.bpf.c"
+    return Path(__file__).resolve().parent.parent / "_bpf" / "standby.bpf.c"
 
 
 def import_bcc() -> ModuleType:
@@ -122,17 +122,13 @@ def _capture_stderr() -> Iterator[list[str]]:
             out.append(tmp.read().decode(errors="replace"))
 
 
-def load(pin_dir: str | os.PathLike[str], *, migrate: bool, source: str | os.PathLike[str] | None = None,
-         mount_bpffs: bool = False) -> Group:
-    """Compile ``source`` (default: the packaged C file) with BCC and adopt the pinned maps."""
+def load(lib: _libbpf.LibBpf, pin_dir: Path, *, migrate: bool,
+         source: str | os.PathLike[str] | None = None) -> tuple[int, dict[str, int]]:
+    """Compile ``source`` (default: the packaged C file) with BCC against the pinned maps: (program fd, map fds)."""
     bcc = import_bcc()
     problem = headers_problem()
     if problem:
         raise BpfUnavailable(problem)
-    lib = _libbpf.load()
-    pin_dir = Path(pin_dir)
-    check_bpffs(str(pin_dir), mount=mount_bpffs)
-    pin_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     src = Path(source) if source else packaged_source()
     if not src.is_file():
         raise BpfUnavailable(f"BPF source {src} not found")
@@ -159,8 +155,5 @@ def load(pin_dir: str | os.PathLike[str], *, migrate: bool, source: str | os.Pat
         for fd in fds.values():
             os.close(fd)
         raise
-    group = Group(pin_dir, prog_fd, fds, migrate, lib)
-    group._check_layout()
-    group._pin_program()
     log.debug("BCC loaded %s into %s", src, pin_dir)
-    return group
+    return prog_fd, fds

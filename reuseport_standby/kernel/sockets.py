@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
+import struct
 from dataclasses import dataclass
 
 DEFAULT_BACKLOG = 1024
@@ -88,3 +90,16 @@ def is_listening_tcp(sock: socket.socket) -> bool:
                 and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1)
     except OSError:
         return False
+
+
+SO_COOKIE = 57
+
+
+def socket_cookie(sock: socket.socket | int) -> int:
+    """The kernel's stable identity of a socket, as a sockarray lookup reports it."""
+    s = sock if isinstance(sock, socket.socket) else socket.socket(fileno=os.dup(sock))
+    try:
+        return struct.unpack("=Q", s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
+    finally:
+        if s is not sock:
+            s.close()

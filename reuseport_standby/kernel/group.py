@@ -1,4 +1,4 @@
-"""Load, pin and re-adopt the selection program and its maps.
+"""One reuseport group's program and maps, pinned: open, re-adopt, read and write them.
 
 One *group* is one listening address (one kernel reuseport group).  Each
 group gets its own copy of the program and maps, pinned under
@@ -6,12 +6,12 @@ group gets its own copy of the program and maps, pinned under
 never be confused (the kernel refuses to select a socket of another group).
 
 Pinned maps outlive every process: a restarted supervisor re-opens them
-and finds the slots exactly as the kernel kept them.
+and finds the slots exactly as the kernel kept them.  The two loaders
+(libbpf, BCC) only produce fds; this module is the one place that wraps them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import logging
@@ -19,95 +19,24 @@ import os
 import platform
 import socket
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
+from . import bcc_loader, libbpf_loader
 from . import libbpf as _libbpf
-from .errors import BpfUnavailable, IncompatiblePins, PermissionProblem
+from ..errors import IncompatiblePins, PermissionProblem
 from .layout import CONFIG_SIZE, LAYOUT_VERSION, NR_SLOTS, Config, Counter
+from .libbpf_loader import kernel_version
+from .pins import MAP_NAMES, make_pin_dir, prog_pin_name
+from .sockets import socket_cookie
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PIN_ROOT = "/sys/fs/bpf/reuseport_standby"
-BPFFS_MAGIC = 0xCAFE4A11
 SO_ATTACH_REUSEPORT_EBPF = 52
-SO_COOKIE = 57
-PROG_NAME = "rs_select_or_migrate"
-MAP_NAMES = ("rs_slots", "rs_config", "rs_counters", "rs_slot_hits")
 MIGRATE_MIN_KERNEL = (5, 14)
 LOADERS = ("libbpf", "bcc")
 
-
-def packaged_object() -> Path:
-    """Path of the BPF object shipped inside the package."""
-    return Path(str(resources.files("reuseport_standby") / "_bpf" / "standby.bpf.o"))
-
-
-def kernel_version() -> tuple[int, int]:
-    parts = platform.release().split(".")
-    try:
-        return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
-    except (IndexError, ValueError):
-        return (0, 0)
-
-
-def socket_cookie(sock: socket.socket | int) -> int:
-    """The kernel's stable identity of a socket, as a sockarray lookup reports it."""
-    s = sock if isinstance(sock, socket.socket) else socket.socket(fileno=os.dup(sock))
-    try:
-        return struct.unpack("=Q", s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
-    finally:
-        if s is not sock:
-            s.close()
-
-
-def _statfs_type(path: str) -> int | None:
-    class _StatFs(ctypes.Structure):
-        _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 112)]
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    buf = _StatFs()
-    if libc.statfs(path.encode(), ctypes.byref(buf)) != 0:
-        return None
-    return buf.f_type & 0xFFFFFFFF
-
-
-def _exists(path: Path, pin_root: str) -> bool:
-    try:
-        path.stat()
-        return True
-    except FileNotFoundError:
-        return False
-    except PermissionError as exc:
-        # systemd mounts /sys/fs/bpf with mode 0700: only root gets past it.
-        raise PermissionProblem(
-            f"no permission to reach the pin directory {pin_root} ({exc.filename}: {exc.strerror}); the supervisor "
-            f"runs as root with CAP_BPF (bpffs is root's, mode 0700 where systemd mounts it); other users ask the "
-            f"supervisor over its control socket ('reuseport-standby status')") from None
-
-
-def check_bpffs(pin_root: str, *, mount: bool = False) -> None:
-    """Make sure ``pin_root`` lies on a bpf filesystem, mounting it if asked."""
-    probe = Path(pin_root)
-    while not _exists(probe, pin_root) and probe != probe.parent:
-        probe = probe.parent
-    if _statfs_type(str(probe)) == BPFFS_MAGIC:
-        return
-    bpffs = "/sys/fs/bpf"
-    if mount and pin_root.startswith(bpffs) and _statfs_type(bpffs) != BPFFS_MAGIC:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.mount(b"bpf", bpffs.encode(), b"bpf", 0, None) == 0:
-            log.info("mounted bpffs at %s", bpffs)
-            return
-        err = ctypes.get_errno()
-        raise PermissionProblem(f"could not mount bpffs at {bpffs}: {os.strerror(err)}; run 'mount -t bpf bpf {bpffs}' as root")
-    raise BpfUnavailable(
-        f"{pin_root} is not on a bpf filesystem, so the program and maps cannot be pinned. "
-        f"Mount it: 'mount -t bpf bpf /sys/fs/bpf' (as root; add it to /etc/fstab or use "
-        f"systemd's sys-fs-bpf.mount), or pass --mount-bpffs to let the supervisor do it."
-    )
+__all__ = ["Group", "Counters", "socket_cookie", "LOADERS", "MIGRATE_MIN_KERNEL"]
 
 
 @dataclass(frozen=True)
@@ -159,26 +88,14 @@ class Group:
                 log.warning(
                     "kernel %s is older than 5.14: no listener migration; queued connections of a closing "
                     "instance will be reset. Upgrade the kernel for lossless restarts.", platform.release())
-        if loader == "bcc":
-            from . import bcc_loader
-
-            return bcc_loader.load(pin_dir, migrate=migrate, source=bpf_source, mount_bpffs=mount_bpffs)
         lib = _libbpf.load()
         pin_dir = Path(pin_dir)
-        check_bpffs(str(pin_dir), mount=mount_bpffs)
-        try:
-            pin_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        except PermissionError as exc:
-            raise PermissionProblem(f"cannot create pin directory {pin_dir}: {exc.strerror}; run as root or give this user write access") from exc
-        except OSError as exc:
-            if exc.errno != errno.EROFS:
-                raise
-            raise PermissionProblem(
-                f"cannot create pin directory {pin_dir}: {exc.strerror}. Under systemd, the unit must make that "
-                f"directory writable: ReadWritePaths=/sys/fs/bpf/reuseport_standby/SERVICE (not /sys/fs/bpf itself, "
-                f"which ProtectKernelTunables= keeps read-only; see examples/systemd/)") from exc
-        obj_path = str(obj_path or packaged_object())
-        prog_fd, map_fds = _load(lib, obj_path, pin_dir, migrate)
+        make_pin_dir(pin_dir, mount_bpffs=mount_bpffs)
+        if loader == "bcc":
+            prog_fd, map_fds = bcc_loader.load(lib, pin_dir, migrate=migrate, source=bpf_source)
+        else:
+            obj = str(obj_path or libbpf_loader.packaged_object())
+            prog_fd, map_fds = libbpf_loader.load(lib, obj, pin_dir, migrate)
         group = cls(pin_dir, prog_fd, map_fds, migrate, lib)
         group._check_layout()
         group._pin_program()
@@ -409,110 +326,3 @@ def _possible_cpus() -> int:
         lo, _, hi = part.partition("-")
         n = max(n, int(hi or lo) + 1)
     return n
-
-
-def prog_pin_name(migrate: bool) -> str:
-    return "prog_migrate" if migrate else "prog_select"
-
-
-@contextlib.contextmanager
-def _opened(lib: _libbpf.LibBpf, obj_path: str, pin_dir: Path, migrate: bool, logbuf: ctypes.Array,
-            log_level: int = 0) -> Iterator[tuple[int, int]]:
-    """The object opened with maps pinned by name under ``pin_dir``, its program's attach type set: (obj, prog)."""
-    try:
-        obj = lib.open_object(obj_path, str(pin_dir), logbuf, log_level=log_level)
-    except OSError as exc:
-        raise BpfUnavailable(f"cannot open BPF object {obj_path}: {exc.strerror}") from exc
-    try:
-        prog = lib.lib.bpf_object__find_program_by_name(obj, PROG_NAME.encode())
-        if not prog:
-            raise BpfUnavailable(f"{obj_path} has no program named {PROG_NAME}")
-        attach = _libbpf.BPF_SK_REUSEPORT_SELECT_OR_MIGRATE if migrate else _libbpf.BPF_SK_REUSEPORT_SELECT
-        lib.check(lib.lib.bpf_program__set_expected_attach_type(prog, attach), "set attach type")
-        yield obj, prog
-    finally:
-        lib.lib.bpf_object__close(obj)
-
-
-def _load(lib: _libbpf.LibBpf, obj_path: str, pin_dir: Path, migrate: bool) -> tuple[int, dict[str, int]]:
-    """Open and load the object with maps pinned by name under ``pin_dir``."""
-    logbuf = ctypes.create_string_buffer(_LOG_SIZE)
-    with _opened(lib, obj_path, pin_dir, migrate, logbuf) as (obj, prog):
-        rc = lib.lib.bpf_object__load(obj)
-        if rc < 0:
-            verifier_log = logbuf.value.decode(errors="replace")
-            if -rc == errno.ENOSPC and kernel_version() < (6, 4):
-                # The log kept its start, not the conclusion (6.4+ keeps the end).
-                verifier_log = _errors_only_log(lib, obj_path, pin_dir, migrate) or verifier_log
-            raise _load_error(-rc, obj_path, pin_dir, verifier_log)
-        prog_fd = os.dup(lib.check(lib.lib.bpf_program__fd(prog), "program fd"))
-        map_fds = {}
-        for name in MAP_NAMES:
-            m = lib.lib.bpf_object__find_map_by_name(obj, name.encode())
-            if not m:
-                raise BpfUnavailable(f"{obj_path} has no map named {name}")
-            map_fds[name] = os.dup(lib.check(lib.lib.bpf_map__fd(m), f"{name} fd"))
-        return prog_fd, map_fds
-
-
-_LOG_SIZE = 64 * 1024  # 6.4+ keep the end of a longer log; before, the errors-only retry below
-
-
-def _errors_only_log(lib: _libbpf.LibBpf, obj_path: str, pin_dir: Path, migrate: bool) -> str:
-    """Load once more, logging only the verifier's errors, after the full log overflowed."""
-    logbuf = ctypes.create_string_buffer(_LOG_SIZE)
-    try:
-        with _opened(lib, obj_path, pin_dir, migrate, logbuf, log_level=_libbpf.BPF_LOG_STATS) as (obj, _):
-            lib.lib.bpf_object__load(obj)
-    except (OSError, BpfUnavailable):
-        return ""
-    return logbuf.value.decode(errors="replace")
-
-
-def _load_error(err: int, obj_path: str, pin_dir: Path, verifier_log: str) -> Exception:
-    if err == errno.EPERM:
-        return PermissionProblem(
-            "the kernel refused to load the BPF program (EPERM): the supervisor needs CAP_BPF and "
-            "nothing more (run it as root, or give its systemd unit AmbientCapabilities=CAP_BPF), "
-            "and the locked-memory limit may need raising (LimitMEMLOCK=infinity) on "
-            "kernels before 5.11")
-    if err in (errno.EACCES, errno.E2BIG, errno.ENOSPC) and verifier_log.strip():
-        return BpfUnavailable(f"the kernel's verifier rejected {obj_path} ({os.strerror(err)}); its last lines:\n"
-                              f"{verifier_tail(verifier_log)}\n{_privilege_hint()}")
-    if err == errno.EINVAL and any((pin_dir / n).exists() for n in MAP_NAMES):
-        return IncompatiblePins(
-            f"the maps pinned at {pin_dir} do not match this version's program ({os.strerror(err)}); "
-            f"stop this service's instances and supervisor, remove {pin_dir}, and start again")
-    if err == errno.EINVAL and kernel_version() < (4, 19):
-        return BpfUnavailable(f"kernel {platform.release()} has no REUSEPORT_SOCKARRAY (needs 4.19+; 5.14+ for migration)")
-    detail = f"; the verifier's last lines:\n{verifier_tail(verifier_log)}" if verifier_log.strip() else ""
-    return BpfUnavailable(f"loading {obj_path} failed: {os.strerror(err)}{detail}")
-
-
-def verifier_tail(verifier_log: str, lines: int = 25) -> str:
-    """The verifier's conclusion is at the end of its log; keep that part."""
-    kept = [line for line in verifier_log.strip().splitlines() if line.strip()]
-    return "\n".join("  " + line for line in kept[-lines:])
-
-
-def _privilege_hint() -> str:
-    """Which of the two privilege levels the verifier applied: it verifies more strictly without CAP_PERFMON."""
-    caps = _effective_caps()
-    if caps is None or caps >> _CAP_PERFMON & 1 or caps >> _CAP_SYS_ADMIN & 1:
-        return "(verified with CAP_PERFMON: report this as a bug with the lines above)"
-    return ("(verified without CAP_PERFMON, so with the verifier's Spectre v1 checks; this version's program is "
-            "meant to pass them: report this as a bug with the lines above, and meanwhile add CAP_PERFMON)")
-
-
-_CAP_SYS_ADMIN, _CAP_PERFMON = 21, 38
-
-
-def _effective_caps() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("CapEff:"):
-                    return int(line.split()[1], 16)
-    except OSError:
-        pass
-    return None

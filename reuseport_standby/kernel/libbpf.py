@@ -13,7 +13,7 @@ import errno
 import os
 from functools import lru_cache
 
-from .errors import BpfUnavailable
+from ..errors import BpfUnavailable
 
 # enum bpf_attach_type values (include/uapi/linux/bpf.h)
 BPF_SK_REUSEPORT_SELECT = 39
