@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from reuseport_standby.kernel import libbpf  # noqa: E402
 from reuseport_standby.kernel.layout import PARKING_SLOT, Config, Role  # noqa: E402
-from reuseport_standby.kernel.pins import DEFAULT_PIN_ROOT; from reuseport_standby.kernel.group import Group# noqa: E402
+from reuseport_standby.kernel.group import Group  # noqa: E402
+from reuseport_standby.kernel.pins import DEFAULT_PIN_ROOT  # noqa: E402
 from reuseport_standby.kernel.sockets import Address, create_listener  # noqa: E402
 
 BASE = Path(DEFAULT_PIN_ROOT) / f"bench-{uuid.uuid4().hex[:8]}"

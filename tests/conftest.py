@@ -7,9 +7,12 @@ import os
 import shutil
 import socket
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from helpers.uvicorn_runs import Instances
 
 REQUIRE_KERNEL = os.environ.get("REUSEPORT_STANDBY_REQUIRE_KERNEL") == "1"
 TEST_PIN_BASE = Path("/sys/fs/bpf/reuseport_standby_test")
@@ -142,7 +145,7 @@ def short_tmp() -> "Path":
 @pytest.fixture
 def supervisor(pin_root: Path, short_tmp: Path):
     """Factory: start a real supervisor for a fresh service on free loopback port(s)."""
-    from procs import SupervisorProc
+    from helpers.procs import SupervisorProc
 
     started: list[SupervisorProc] = []
 
@@ -156,3 +159,11 @@ def supervisor(pin_root: Path, short_tmp: Path):
     yield start
     for sup in started:
         sup.stop()
+
+
+@pytest.fixture
+def instances() -> Iterator[Instances]:
+    """uvicorn instances started by a test: whatever still runs at its end is killed with its workers."""
+    made = Instances()
+    yield made
+    made.kill_all()

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from procs import REPO
+from helpers.procs import REPO
 
 PER_RUN_KEYS = {
     "variant", "restarts", "steps", "error", "requests", "ok", "failed", "failures_by_kind", "lost_connection_level",

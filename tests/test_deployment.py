@@ -39,10 +39,10 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port, require_kernel
-from procs import REPO, SupervisorProc, wait_for
-from servers import InstanceProc, restart_traced
-from test_supervisor import who
-from unitemu import EmulatedUnit, parse_unit, values
+from helpers.procs import REPO, SupervisorProc, wait_for
+from helpers.servers import InstanceProc, restart_traced
+from helpers.echo import who
+from helpers.unitemu import EmulatedUnit, parse_unit, values
 
 from reuseport_standby import client
 from reuseport_standby.loadgen import Load

@@ -19,16 +19,16 @@ from typing import Callable
 
 import pytest
 
-from procs import REPO, SupervisorProc, wait_for
-from servers import APPS, InstanceProc, Probe, TracedReport, gunicorn_cmd, restart_traced, worker_pids
+from helpers.checks import GUNICORN_CONCURRENCY, HELD_BY_WORKERS, MAX_LATENCY, check_faults
+from helpers.procs import REPO, SupervisorProc, wait_for
+from helpers.servers import APPS, InstanceProc, Probe, gunicorn_cmd, restart_traced, worker_pids
 from reuseport_standby.gunicorn import compose
 from reuseport_standby.loadgen import Load, LoadResult
 from reuseport_standby.kernel.sockets import Address
 
 HOST = "127.0.0.1"
-CONCURRENCY = 8
+CONCURRENCY = GUNICORN_CONCURRENCY
 SETTLE = 0.4
-MAX_LATENCY = 1.0  # a SYN retransmit costs 1 s: anything below means none was dropped
 
 WORKER_ARGS = {
     "sync": ["--workers", "2"],
@@ -39,11 +39,6 @@ WORKER_ARGS = {
     "uvicorn-rs": ["--workers", "2", "--worker-class", "reuseport_standby.gunicorn_workers.UvicornWorker"],
 }
 APP = {"sync": "wsgi_app:app", "gthread": "wsgi_app:app", "uvicorn": "asgi_app:app", "uvicorn-rs": "asgi_app:app"}
-# Requests a SIGKILLed primary can hold inside its workers (the rest wait in the
-# listener's queue, which migrates): one per sync worker, worker_connections per
-# gthread worker, and for asyncio as many as the clients send.
-HELD_BY_WORKERS = {"sync": 2, "gthread": 4, "uvicorn": CONCURRENCY}
-
 pytestmark = pytest.mark.kernel
 
 
@@ -62,19 +57,6 @@ def gunicorn(sup: SupervisorProc, role: str, kind: str, env: dict[str, str], *ex
              config: str = "python:reuseport_standby.conf") -> InstanceProc:
     cmd = gunicorn_cmd(APP[kind], *WORKER_ARGS[kind], "--graceful-timeout", "10", *extra, config=config)
     return InstanceProc(cmd, sup, role, env=env, cwd=APPS)
-
-
-def check_faults(report: TracedReport, held: int) -> None:
-    """No failure outside SIGKILLs; at a SIGKILL, only requests already sent, at most ``held``."""
-    assert report.failures_of(None) == [], f"failures before any fault: {report}"
-    for step in report.steps:
-        if step.kind in ("kill", "kill_workers"):
-            assert report.after_signal(step) == [], f"requests sent after a {step.kind} failed: {report}"
-            assert len(report.in_flight(step)) <= held, f"more failed at a {step.kind} than workers held: {report}"
-        else:
-            assert report.failures_of(step) == [], f"requests failed at a {step.kind}: {report}"
-    assert report.load.max_latency < MAX_LATENCY, f"a request waited {report.load.max_latency:.2f} s: {report}"
-    assert report.load.ok > 50 * len(report.steps), f"too little load to mean anything: {report}"
 
 
 def primary_answers(probe: Probe) -> list[tuple[float, float]]:

@@ -4,7 +4,6 @@ file-descriptor exhaustion, per-uid limits, and failures anywhere in the loop.""
 from __future__ import annotations
 
 import json
-import os
 import resource
 import socket
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from procs import REPO, wait_for
+from helpers.procs import REPO, wait_for
 from reuseport_standby import client, protocol
 from reuseport_standby.client import InstanceClient, connect, request
 from reuseport_standby.errors import ProtocolError, SupervisorUnavailable

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, require_bcc
-from netutil import accept_pending, collect, open_clients, serve
+from helpers.netutil import accept_pending, collect, open_clients, serve
 from reuseport_standby.kernel.layout import PARKING_SLOT, Config, Counter, Role
-from reuseport_standby.kernel.group import Group; from reuseport_standby.kernel.sockets import socket_cookie
+from reuseport_standby.kernel.group import Group
+from reuseport_standby.kernel.sockets import socket_cookie
 from reuseport_standby.kernel.sockets import Address, create_listener, requeue
 
 P0 = Role.PRIMARY.slot_range[0]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port
-from procs import REPO, wait_for
+from helpers.procs import REPO, wait_for
 from reuseport_standby import client
 from reuseport_standby.errors import ProtocolError, SupervisorUnavailable
 from reuseport_standby.loadgen import Load

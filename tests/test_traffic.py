@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port
-from procs import REPO, wait_for
+from helpers.procs import REPO, wait_for
 from reuseport_standby import client
 from reuseport_standby.loadgen import Load
-from test_supervisor import Echo, host_port, who
+from helpers.echo import Echo, host_port, who
 
 
 def admin(sup, **msg) -> dict:

@@ -15,13 +15,15 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from procs import REPO, SupervisorProc, stop_process_group, wait_for
-from servers import (
+from helpers.checks import check_traced
+from helpers.procs import REPO, SupervisorProc, wait_for
+from helpers.uvicorn_runs import CONFIGS, Instances
+from helpers.servers import (
     APPS,
     InstanceProc,
     Probe,
@@ -31,7 +33,6 @@ from servers import (
     gunicorn_cmd,
     restart_traced,
     roll_traced,
-    uvicorn_instance,
 )
 
 from reuseport_standby import cli
@@ -39,46 +40,9 @@ from reuseport_standby.loadgen import Load
 from reuseport_standby.kernel.sockets import Address
 
 CONCURRENCY = 6
-QUIET = ("--no-access-log",)
-IN_FLIGHT_KINDS = {"reset", "eof", "truncated"}  # what a request inside a SIGKILLed process sees
-CONFIGS = {
-    "w1": ("asgi_role:app",),
-    "w1-factory": ("asgi_role:create_app", "--factory"),
-    "w2": ("asgi_role:app", "--workers", "2"),
-    "w2-factory": ("asgi_role:create_app", "--factory", "--workers", "2"),
-}
-
-
 def target(sup: SupervisorProc) -> tuple[str, int]:
     a = Address.parse(sup.binds[0])
     return a.host, a.port
-
-
-class Instances:
-    """The instances a test starts; whatever still runs at the end is killed with its workers."""
-
-    def __init__(self) -> None:
-        self.started: list[InstanceProc] = []
-
-    def track(self, inst: InstanceProc) -> InstanceProc:
-        self.started.append(inst)
-        return inst
-
-    def uvicorn(self, sup: SupervisorProc, role: str, app: str, *options: str,
-                env: dict[str, str] | None = None) -> InstanceProc:
-        return self.track(uvicorn_instance(sup, role, app, *QUIET, *options, env=env))
-
-    def kill_all(self) -> None:
-        for inst in self.started:
-            if inst.proc is not None:
-                stop_process_group(inst.proc, signal.SIGKILL, 5)
-
-
-@pytest.fixture
-def instances() -> Iterator[Instances]:
-    made = Instances()
-    yield made
-    made.kill_all()
 
 
 def start_pair(supervisor: Callable[..., SupervisorProc], instances: Instances, config: tuple[str, ...],
@@ -114,22 +78,6 @@ def http_get(host: str, port: int, path: str = "/", timeout: float = 10.0) -> tu
         return read_response(send_get(host, port, path, timeout))
     except OSError:
         return 0, {}
-
-
-def check_traced(report: TracedReport, *, concurrency: int) -> dict[str, list[int]]:
-    """Nothing lost but what a SIGKILLed process held; returns failures per step kind."""
-    assert report.failures_of(None) == [], f"failures before the first restart: {report}"
-    for step in report.steps:
-        failed = report.failures_of(step)
-        if step.kind in ("kill", "freeze_kill"):
-            assert report.after_signal(step) == [], f"requests sent after the kill failed: {report}"
-            assert len(failed) <= concurrency, f"more failures than requests in flight: {report}"
-            assert {kind for _, _, kind in failed} <= IN_FLIGHT_KINDS, report
-        else:
-            assert failed == [], f"{step.kind} restart lost requests: {report}"
-    assert report.load.max_latency < 1.0, f"a request took {report.load.max_latency:.2f} s (SYN retransmit?): {report}"
-    assert report.load.ok > 50 * len(report.steps), f"too little load to mean anything: {report}"
-    return report.by_kind()
 
 
 # -- command line -----------------------------------------------------------------------------

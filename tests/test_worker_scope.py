@@ -14,15 +14,16 @@ import statistics
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterator
+
 from pathlib import Path
 
 import pytest
 from conftest import free_port
-from procs import SupervisorProc, stop_process_group, wait_for
-from servers import APPS, BIN, InstanceProc, gunicorn_cmd, restart_traced, worker_pids
-from test_gunicorn import HELD_BY_WORKERS, check_faults
-from test_uvicorn import CONFIGS, Instances, check_traced
+from helpers.procs import SupervisorProc, stop_process_group, wait_for
+from helpers.servers import APPS, BIN, InstanceProc, gunicorn_cmd, restart_traced, worker_pids
+from helpers.checks import HELD_BY_WORKERS, check_faults
+from helpers.checks import check_traced
+from helpers.uvicorn_runs import CONFIGS, Instances
 
 from reuseport_standby import status as status_mod
 from reuseport_standby.kernel.layout import WORKERS_PER_INSTANCE
@@ -37,13 +38,6 @@ SETTLE = 0.4
 WORKER_SCOPE = {"REUSEPORT_STANDBY_SCOPE": "worker"}
 RECYCLE = ["--workers", "4", "--max-requests", "200", "--max-requests-jitter", "20"]
 RECYCLE_SECONDS = 20.0
-
-
-@pytest.fixture
-def instances() -> Iterator[Instances]:
-    made = Instances()
-    yield made
-    made.kill_all()
 
 
 @pytest.fixture

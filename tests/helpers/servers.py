@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from procs import REPO, SupervisorProc, stop_process_group, wait_for
+from .procs import REPO, SupervisorProc, stop_process_group, wait_for
 from reuseport_standby.loadgen import Load, LoadResult
 
 BIN = Path(sys.executable).parent

@@ -15,7 +15,7 @@ from typing import Any, Callable
 from reuseport_standby import client
 from reuseport_standby.errors import SupervisorUnavailable
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = "condition") -> Any:
