@@ -25,6 +25,7 @@ from reuseport_standby.kernel.layout import PARKING_SLOT, Config, Role  # noqa: 
 from reuseport_standby.kernel.group import Group  # noqa: E402
 from reuseport_standby.kernel.pins import DEFAULT_PIN_ROOT  # noqa: E402
 from reuseport_standby.kernel.sockets import Address, create_listener  # noqa: E402
+from reuseport_standby.supervisor.options import SuperviseOptions  # noqa: E402
 
 BASE = Path(DEFAULT_PIN_ROOT) / f"bench-{uuid.uuid4().hex[:8]}"
 
@@ -84,9 +85,9 @@ def supervisor_figures(runs: int = 5, loader: str = "libbpf") -> dict[str, float
         control = f"/tmp/{service}.sock"
         port = free_port()
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "reuseport_standby", "supervise", "--service", service,
-                                 "--bind", f"127.0.0.1:{port}", "--bind", f"[::1]:{port}", "--control", control,
-                                 "--pin-root", str(BASE / "sup"), "--loader", loader],
+        options = SuperviseOptions(service=service, binds=(f"127.0.0.1:{port}", f"[::1]:{port}"), control=control,
+                                   pin_root=str(BASE / "sup"), loader=loader)
+        proc = subprocess.Popen(options.command(),
                                 cwd=Path(__file__).resolve().parent.parent,
                                 stderr=subprocess.DEVNULL)
         try:

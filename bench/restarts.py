@@ -71,6 +71,7 @@ sys.path.insert(0, str(REPO))
 from reuseport_standby import client  # noqa: E402
 from reuseport_standby.errors import ProtocolError, SupervisorUnavailable  # noqa: E402
 from reuseport_standby.loadgen import Load, LoadResult, exchange  # noqa: E402
+from reuseport_standby.supervisor.options import SuperviseOptions  # noqa: E402
 
 HOST = "127.0.0.1"
 BIN = Path(sys.executable).parent
@@ -407,11 +408,9 @@ class Supervised(Contender):
         return spawn(self.setup.integrated(), env, self.log_path)
 
     def start(self) -> None:
-        cmd = [sys.executable, "-m", "reuseport_standby", "supervise", "--service", self.service,
-               "--bind", f"{HOST}:{self.port}", "--control", self.control, "--pin-root", str(self.pin_root),
-               "--backlog", "2048"]
-        if not self.migrate:
-            cmd.append("--no-migrate")
+        cmd = SuperviseOptions(service=self.service, binds=(f"{HOST}:{self.port}",), control=self.control,
+                               pin_root=str(self.pin_root), backlog=2048,
+                               migrate=None if self.migrate else False).command()
         self.supervisor = spawn(cmd, {}, self.log_path)
 
         def up() -> bool:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .names import ENV_SCOPE, ENV_SERVICE, State
 from . import __version__, protocol, uvicorn_cli
 from .errors import ReuseportStandbyError, SupervisorUnavailable
 from .kernel.pins import DEFAULT_PIN_ROOT
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--service", type=_service, default=os.environ.get("REUSEPORT_STANDBY_SERVICE", protocol.DEFAULT_SERVICE),
+        sp.add_argument("--service", type=_service, default=os.environ.get(ENV_SERVICE, protocol.DEFAULT_SERVICE),
                         help="service name (default: $REUSEPORT_STANDBY_SERVICE or 'default')")
         sp.add_argument("--control", default=None, help="control socket path (default: $REUSEPORT_STANDBY_CONTROL or /run/reuseport-standby/SERVICE.sock)")
         sp.add_argument("--pin-root", default=DEFAULT_PIN_ROOT, help=f"bpffs directory for pins (default {DEFAULT_PIN_ROOT})")
@@ -151,13 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_supervise(args: argparse.Namespace) -> int:
-    from .supervisor import MAX_CONNECTIONS_PER_UID, Supervisor
+    from .supervisor import SuperviseOptions, Supervisor
 
-    per_uid = MAX_CONNECTIONS_PER_UID if args.max_connections_per_uid is None else args.max_connections_per_uid
-    sup = Supervisor(args.service, args.bind, control=args.control, backlog=args.backlog, group=args.group,
-                     pin_root=args.pin_root, migrate=False if args.no_migrate else None, mount_bpffs=args.mount_bpffs,
-                     stall_timeout=args.stall_timeout, on_hang=args.on_hang, loader=args.loader,
-                     bpf_source=args.bpf_source, max_connections_per_uid=per_uid)
+    sup = Supervisor(SuperviseOptions.from_args(args))
     sup.start()
     if args.metrics:
         from .metrics import serve
@@ -178,7 +175,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK if st.get("source") == "supervisor" else EXIT_NOT_RUNNING
 
 
-ALIVE_STATES = ("pending", "active", "drained", "draining")
+ALIVE_STATES = tuple(s.value for s in State if s is not State.DEMOTED)
 
 
 def check_status(st: dict, pid: int | None, alive: bool = False) -> str | None:
@@ -235,16 +232,18 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .runner import RunConfig, main_args, run
+    from .supervisor.options import SuperviseOptions
 
-    cfg = RunConfig(service=args.service, binds=args.bind, command=main_args(args.cmd), control=args.control,
-                    backlog=args.backlog, group=args.group, pin_root=args.pin_root if args.pin_root != DEFAULT_PIN_ROOT else None,
-                    ready_timeout=args.ready_timeout, stop_timeout=args.stop_timeout, no_migrate=args.no_migrate,
-                    extra_env={"REUSEPORT_STANDBY_SCOPE": args.scope} if args.scope else {},
-                    supervisor_args=[*(["--stall-timeout", str(args.stall_timeout)] if args.stall_timeout is not None else []),
-                                     *(["--on-hang", args.on_hang] if args.on_hang else []),
-                                     *(["--metrics", str(args.metrics)] if args.metrics else []),
-                                     *(["--loader", args.loader] if args.loader else []),
-                                     *(["--bpf-source", os.path.abspath(args.bpf_source)] if args.bpf_source else [])])
+    supervisor = SuperviseOptions(
+        service=args.service, binds=tuple(args.bind), control=args.control, group=args.group,
+        pin_root=args.pin_root, migrate=False if args.no_migrate else None, mount_bpffs=True,
+        **{name: value for name, value in (("backlog", args.backlog), ("stall_timeout", args.stall_timeout),
+                                           ("on_hang", args.on_hang), ("metrics", args.metrics),
+                                           ("loader", args.loader),
+                                           ("bpf_source", os.path.abspath(args.bpf_source) if args.bpf_source else None))
+           if value is not None}).check()
+    cfg = RunConfig(supervisor=supervisor, command=main_args(args.cmd), ready_timeout=args.ready_timeout,
+                    stop_timeout=args.stop_timeout, extra_env={ENV_SCOPE: args.scope} if args.scope else {})
     return run(cfg)
 
 

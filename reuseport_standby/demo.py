@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .names import ENV_ROLE
 from . import client
 from .errors import ReuseportStandbyError, SupervisorUnavailable
 from .kernel.pins import DEFAULT_PIN_ROOT
@@ -129,7 +130,7 @@ class PlainReuseport:
             self.procs[role] = self._start(role)
 
     def _start(self, role: str) -> subprocess.Popen:
-        env = {**os.environ, "REUSEPORT_STANDBY_ROLE": role}
+        env = {**os.environ, ENV_ROLE: role}
         bind = f"127.0.0.1:{self.port}"
         if self.server == "gunicorn":
             cmd = [*server_command("gunicorn"), "--reuse-port", "-b", bind]

@@ -7,9 +7,11 @@
 from __future__ import annotations
 
 import os
+
+from .names import ENV_ROLE
 from typing import Any, Awaitable, Callable
 
-ROLE = os.environ.get("REUSEPORT_STANDBY_ROLE", "unknown")
+ROLE = os.environ.get(ENV_ROLE, "unknown")
 
 
 def _body() -> bytes:

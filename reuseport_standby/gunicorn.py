@@ -43,6 +43,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+from .names import ENV_CONNECT_TIMEOUT, ENV_CONTROL, ENV_ROLE, ENV_SCOPE, ENV_SERVICE
 from . import protocol
 from .client import InstanceClient
 from .errors import ReuseportStandbyError
@@ -56,11 +57,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ENV_ROLE = "REUSEPORT_STANDBY_ROLE"
-ENV_SERVICE = "REUSEPORT_STANDBY_SERVICE"
-ENV_CONTROL = "REUSEPORT_STANDBY_CONTROL"
-ENV_CONNECT_TIMEOUT = "REUSEPORT_STANDBY_CONNECT_TIMEOUT"
-ENV_SCOPE = "REUSEPORT_STANDBY_SCOPE"
 
 # A worker-scope worker: how long it waits for the supervisor when it starts (gunicorn
 # kills a worker that has not booted within its timeout anyway), and for the answer to

@@ -49,8 +49,6 @@ class SupervisorCollector:
     def collect(self) -> Iterator[object]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        from .supervisor import _safe_queues
-
         sup = self.sup
         conns = CounterMetricFamily("reuseport_standby_connections", "Connections the BPF program placed, by kind and role",
                                     labels=["service", "address", "kind", "role"])
@@ -58,7 +56,7 @@ class SupervisorCollector:
                                    labels=["service", "address"])
         queue = GaugeMetricFamily("reuseport_standby_queue_depth", "Connections waiting in a listener's accept queue",
                                   labels=["service", "address", "owner"])
-        queues = _safe_queues()
+        queues = sup.broker.queues()
         for address, st in list(sup.states.items()):
             a = str(address)
             for name, value in st.group.counters().as_dict().items():
@@ -69,19 +67,20 @@ class SupervisorCollector:
             queue.add_metric([sup.service, a, "parking"], parked.queued if parked else 0)
         instances = GaugeMetricFamily("reuseport_standby_instances", "Instances by role and state", labels=["service", "role", "state"])
         counts: dict[tuple[str, str], int] = {}
-        for inst in list(sup.instances.values()):
+        for inst in sup.instances:
             if inst.role is None:
                 continue
-            counts[(inst.role.value, inst.state)] = counts.get((inst.role.value, inst.state), 0) + 1
+            key = (inst.role.value, inst.state.value)
+            counts[key] = counts.get(key, 0) + 1
             for address, cookie in inst.cookies.items():
                 q = queues.get(cookie)
                 queue.add_metric([sup.service, str(address), f"{inst.role.value}:{inst.pid}"], q.queued if q else 0)
         for (role, state), n in counts.items():
             instances.add_metric([sup.service, role, state], n)
         demotions = CounterMetricFamily("reuseport_standby_demotions", "Instances demoted for hanging", labels=["service"])
-        demotions.add_metric([sup.service], sup.demotions_total)
+        demotions.add_metric([sup.service], sup.broker.demotions_total)
         swapped = GaugeMetricFamily("reuseport_standby_roles_swapped", "1 after a promote swapped the roles", labels=["service"])
-        swapped.add_metric([sup.service], int(sup.swapped))
+        swapped.add_metric([sup.service], int(sup.broker.swapped))
         kernel = CounterMetricFamily("reuseport_standby_kernel_tcp", "TcpExt counters of this network namespace (nstat)",
                                      labels=["counter"])
         for k, v in tcpext().items():

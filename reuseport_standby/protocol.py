@@ -19,6 +19,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .names import ENV_CONTROL, Scope
 from .errors import ProtocolError, ReuseportStandbyError
 from .kernel.layout import Role
 
@@ -37,7 +38,7 @@ SERVICE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 OPS = ("hello", "ready", "stop", "readopt", "status", "ping", "heartbeat", "weight", "promote", "drain", "undrain")
 #: socket scopes: one set of listeners per instance, or one per worker process
-SCOPES = ("instance", "worker")
+SCOPES = tuple(s.value for s in Scope)
 #: operations that act on the service as a whole (operator commands), not on the caller's instance
 ADMIN_OPS = ("weight", "promote", "drain", "undrain")
 
@@ -52,7 +53,7 @@ def control_path(service: str, override: str | None = None) -> str:
     """Where the supervisor of ``service`` listens: --control, $REUSEPORT_STANDBY_CONTROL, or the default."""
     if override:
         return override
-    env = os.environ.get("REUSEPORT_STANDBY_CONTROL")
+    env = os.environ.get(ENV_CONTROL)
     if env:
         return env
     return os.path.join(CONTROL_DIR, f"{check_service(service)}.sock")

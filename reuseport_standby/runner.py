@@ -21,37 +21,38 @@ import signal
 import socket
 import subprocess
 import shutil
-import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
+from .names import ENV_CONTROL, ENV_GENERATION, ENV_ROLE, ENV_SERVICE
 from . import client, protocol
 from .errors import ProtocolError, ReuseportStandbyError, SupervisorUnavailable
 from .kernel.layout import Role
-from .kernel.sockets import Address
+from .supervisor.options import SuperviseOptions
 from .wrap import instance_command
 
 log = logging.getLogger(__name__)
 
+#: seconds a peer of the reload socket has to send its request, and to take each message of the reply
+RELOAD_IO_TIMEOUT = 10.0
+
 
 @dataclass
 class RunConfig:
-    service: str
-    binds: list[Address]
+    """``run``: the supervisor to start (its options), the server command, and how long instances get."""
+
+    supervisor: SuperviseOptions
     command: list[str]
-    control: str | None = None
-    backlog: int | None = None
-    group: str | None = None
-    pin_root: str | None = None
     ready_timeout: float = 60.0
     stop_timeout: float = 30.0
-    mount_bpffs: bool = True
-    no_migrate: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
-    supervisor_args: list[str] = field(default_factory=list)
+
+    @property
+    def service(self) -> str:
+        return self.supervisor.service
 
 
 def run_socket_path(control_path: str) -> str:
@@ -82,7 +83,7 @@ class Managed:
 class Runner:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
-        self.control = protocol.control_path(cfg.service, cfg.control)
+        self.control = cfg.supervisor.control_path
         self.run_path = run_socket_path(self.control)
         self.current: dict[Role, Managed | None] = {Role.PRIMARY: None, Role.STANDBY: None}
         self.crashes: dict[Role, list[float]] = {Role.PRIMARY: [], Role.STANDBY: []}
@@ -101,21 +102,8 @@ class Runner:
 
     # -- supervisor ------------------------------------------------------------------------
     def start_supervisor(self) -> None:
-        cmd = [sys.executable, "-m", "reuseport_standby", "supervise", "--service", self.cfg.service,
-               "--control", self.control]
-        for b in self.cfg.binds:
-            cmd += ["--bind", str(b)]
-        if self.cfg.backlog:
-            cmd += ["--backlog", str(self.cfg.backlog)]
-        if self.cfg.group:
-            cmd += ["--group", self.cfg.group]
-        if self.cfg.pin_root:
-            cmd += ["--pin-root", self.cfg.pin_root]
-        if self.cfg.mount_bpffs:
-            cmd += ["--mount-bpffs"]
-        if self.cfg.no_migrate:
-            cmd += ["--no-migrate"]
-        cmd += self.cfg.supervisor_args
+        # The control path is fixed here: the instances are told it, whatever the environment says.
+        cmd = replace(self.cfg.supervisor, control=self.control).command()
         self._supervisor = subprocess.Popen(cmd)
         deadline = time.monotonic() + 30
         while True:
@@ -138,9 +126,9 @@ class Runner:
     # -- instances ---------------------------------------------------------------------------
     def spawn(self, role: Role) -> Managed:
         self._generation += 1
-        env = {**os.environ, **self.cfg.extra_env, "REUSEPORT_STANDBY_ROLE": role.value,
-               "REUSEPORT_STANDBY_SERVICE": self.cfg.service, "REUSEPORT_STANDBY_CONTROL": self.control,
-               "REUSEPORT_STANDBY_GENERATION": str(self._generation)}
+        env = {**os.environ, **self.cfg.extra_env, ENV_ROLE: role.value,
+               ENV_SERVICE: self.cfg.service, ENV_CONTROL: self.control,
+               ENV_GENERATION: str(self._generation)}
         cmd = instance_command(self.cfg.command, self.workdir)
         proc = subprocess.Popen(cmd, env=env, start_new_session=True)
         log.info("started %s (generation %d, pid %d): %s", role.value, self._generation, proc.pid, " ".join(cmd))
@@ -273,27 +261,60 @@ class Runner:
         self._sel.register(self._server, selectors.EVENT_READ, "run")
 
     def _serve_reload(self, conn: socket.socket) -> None:
+        """Answer one ``reload`` request, in a thread of its own (a reload takes a while).
+
+        Every request gets a reply, also one that is not a JSON object or that
+        fails in an unforeseen way; a reply longer than one message (a long
+        error, a big result) travels in chunks, as the supervisor's do, and
+        ``request_reload`` joins them.  A peer that sends nothing, or does not
+        read, is given up after RELOAD_IO_TIMEOUT.
+        """
         def work() -> None:
             with conn:
+                conn.settimeout(RELOAD_IO_TIMEOUT)
+                reply = self._reload_reply(conn)
+                if reply is None:
+                    return
                 try:
-                    raw, fds, _ = protocol.recv(conn)
-                    for fd in fds:
-                        os.close(fd)
-                    msg = json.loads(raw or b"{}")
-                    if msg.get("op") != "reload":
-                        reply = protocol.error_reply("unknown_op", "this socket takes only 'reload'")
-                    else:
-                        reply = self.reload()
-                except InstanceFailed as exc:
-                    reply = protocol.error_reply("rolled_back", str(exc))
-                except (ReuseportStandbyError, ValueError, OSError) as exc:
-                    reply = protocol.error_reply("failed", str(exc))
-                try:
-                    protocol.send(conn, reply)
+                    protocol.send_reply(conn, reply)
+                except (ProtocolError, TypeError, ValueError) as exc:  # cannot be encoded, even in chunks
+                    log.error("the reply to a reload request could not be encoded: %s", exc)
+                    try:
+                        protocol.send_reply(conn, protocol.error_reply("internal", f"the reply could not be encoded: {exc}"))
+                    except OSError:
+                        pass
                 except OSError:
-                    pass
+                    pass  # the peer went away or did not read: the reload itself is done either way
 
         threading.Thread(target=work, name="reload", daemon=True).start()
+
+    def _reload_reply(self, conn: socket.socket) -> dict[str, Any] | None:
+        """Read the request and do the reload; the reply to send (None: the peer left without asking)."""
+        try:
+            raw, fds, truncated = protocol.recv(conn)
+        except OSError:  # nothing within RELOAD_IO_TIMEOUT, or the peer reset
+            return None
+        for fd in fds:
+            os.close(fd)
+        if not raw and not truncated:
+            return None
+        if truncated:
+            return protocol.error_reply("too_large", f"a request is at most {protocol.MAX_MESSAGE} bytes, without fds")
+        try:
+            msg = json.loads(raw)
+        except (UnicodeDecodeError, ValueError) as exc:
+            return protocol.error_reply("malformed", f"not a UTF-8 JSON message: {exc}")
+        if not isinstance(msg, dict) or msg.get("op") != "reload":
+            return protocol.error_reply("unknown_op", "this socket takes only {\"op\": \"reload\"}")
+        try:
+            return self.reload()
+        except InstanceFailed as exc:
+            return protocol.error_reply("rolled_back", str(exc))
+        except (ReuseportStandbyError, ValueError, OSError) as exc:
+            return protocol.error_reply("failed", str(exc))
+        except Exception as exc:  # whatever went wrong, `reload` hears of it instead of a closed connection
+            log.exception("reload failed")
+            return protocol.error_reply("internal", f"{type(exc).__name__}: {exc}")
 
     # -- main loop --------------------------------------------------------------------------------
     def run(self) -> int:

@@ -12,7 +12,7 @@ from .errors import SupervisorUnavailable
 from .kernel.pins import DEFAULT_PIN_ROOT
 from .kernel.group import Group
 from .kernel.sockets import Address
-from .supervisor import address_status
+from .supervisor.view import address_status
 
 
 def collect(service: str, control: str | None = None, pin_root: str = DEFAULT_PIN_ROOT) -> dict[str, Any]:

@@ -66,6 +66,7 @@ import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
+from .names import ENV_ROLE, ENV_SCOPE, ENV_SERVICE
 from . import protocol
 from .client import InstanceClient
 from .errors import ReuseportStandbyError
@@ -124,7 +125,7 @@ def run(
     """
     check_options(config)
     the_role = resolve_role(role)
-    the_service = protocol.check_service(service or os.environ.get("REUSEPORT_STANDBY_SERVICE")
+    the_service = protocol.check_service(service or os.environ.get(ENV_SERVICE)
                                          or protocol.DEFAULT_SERVICE)
     if app_dir is not None:
         sys.path.insert(0, app_dir)  # as uvicorn.run does; spawned workers inherit sys.path
@@ -174,7 +175,7 @@ def check_options(config: dict[str, Any]) -> None:
 
 
 def resolve_scope(scope: str | None, workers: int) -> str:
-    value = scope or os.environ.get("REUSEPORT_STANDBY_SCOPE") or "instance"
+    value = scope or os.environ.get(ENV_SCOPE) or "instance"
     if value not in protocol.SCOPES:
         raise ValueError(f"scope must be 'instance' or 'worker', not {value!r}")
     if value == "worker":
@@ -189,7 +190,7 @@ def resolve_scope(scope: str | None, workers: int) -> str:
 
 
 def resolve_role(role: Role | str | None) -> Role:
-    value = role if role is not None else os.environ.get("REUSEPORT_STANDBY_ROLE")
+    value = role if role is not None else os.environ.get(ENV_ROLE)
     if not value:
         raise ValueError("no role given: pass role='primary' or 'standby' (--role), or set REUSEPORT_STANDBY_ROLE")
     return value if isinstance(value, Role) else Role.parse(value)

@@ -17,6 +17,7 @@ import sys
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from .names import ENV_CONTROL, ENV_ROLE, ENV_SCOPE, ENV_SERVICE
 from . import protocol
 from .kernel.layout import WORKERS_PER_INSTANCE
 
@@ -94,15 +95,15 @@ def _click_command() -> click.Command:
     from .uvicorn import REFUSED
 
     ours: list[click.Parameter] = [
-        click.Option(["--role"], type=click.Choice(["primary", "standby"]), envvar="REUSEPORT_STANDBY_ROLE",
+        click.Option(["--role"], type=click.Choice(["primary", "standby"]), envvar=ENV_ROLE,
                      required=True, help="This instance's role. [env: REUSEPORT_STANDBY_ROLE]"),
-        click.Option(["--service"], envvar="REUSEPORT_STANDBY_SERVICE", default=protocol.DEFAULT_SERVICE,
+        click.Option(["--service"], envvar=ENV_SERVICE, default=protocol.DEFAULT_SERVICE,
                      show_default=True, callback=_check_service,
                      help="Service name, as given to the supervisor. [env: REUSEPORT_STANDBY_SERVICE]"),
-        click.Option(["--control"], envvar="REUSEPORT_STANDBY_CONTROL", default=None,
+        click.Option(["--control"], envvar=ENV_CONTROL, default=None,
                      help="Supervisor's control socket (default /run/reuseport-standby/SERVICE.sock). "
                           "[env: REUSEPORT_STANDBY_CONTROL]"),
-        click.Option(["--scope"], type=click.Choice(list(protocol.SCOPES)), envvar="REUSEPORT_STANDBY_SCOPE",
+        click.Option(["--scope"], type=click.Choice(list(protocol.SCOPES)), envvar=ENV_SCOPE,
                      default="instance", show_default=True,
                      help="instance: the workers share this instance's listeners; worker: every worker gets "
                           f"listeners of its own (at most {WORKERS_PER_INSTANCE} workers). [env: REUSEPORT_STANDBY_SCOPE]"),

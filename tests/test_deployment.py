@@ -229,11 +229,7 @@ class CappedSupervisor(SupervisorProc):
         prefix = [*self.wrapper, "setpriv", "--bounding-set", caps, "--inh-caps", caps, "--ambient-caps", caps,
                   "--no-new-privs", *(["--groups", ",".join(map(str, self.groups))] if self.groups else ["--clear-groups"]),
                   "--"]
-        cmd = [*prefix, sys.executable, "-m", "reuseport_standby", "supervise", "--service", self.service,
-               "--control", self.control, "--pin-root", str(self.pin_root)]
-        for b in self.binds:
-            cmd += ["--bind", b]
-        cmd += self.extra
+        cmd = [*prefix, *self.options().command()]
         self.log_path = Path(self.control).with_suffix(f".{uuid.uuid4().hex[:6]}.log")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(self.log_path, "wb"), cwd=REPO,
                                      start_new_session=True)

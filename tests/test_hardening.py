@@ -405,10 +405,10 @@ def inproc(pin_root: Path, short_tmp: Path):
 
     from conftest import free_port
     from reuseport_standby.kernel.sockets import Address
-    from reuseport_standby.supervisor import Supervisor
+    from reuseport_standby.supervisor import SuperviseOptions, Supervisor
 
-    sup = Supervisor(f"t{uuid.uuid4().hex[:10]}", [Address("127.0.0.1", free_port())],
-                     control=str(short_tmp / "in.sock"), pin_root=str(pin_root))
+    sup = Supervisor(SuperviseOptions(f"t{uuid.uuid4().hex[:10]}", (Address("127.0.0.1", free_port()),),
+                                      control=str(short_tmp / "in.sock"), pin_root=str(pin_root)))
     sup.start()
     loop = threading.Thread(target=sup.serve_forever, kwargs={"install_signals": False, "notify": False}, daemon=True)
     loop.start()
@@ -441,7 +441,9 @@ def test_a_failure_anywhere_ends_that_peer_not_the_loop(inproc, monkeypatch: pyt
     _alive(sup, loop)
 
     # writing: a reply that cannot be encoded becomes an `internal` error
-    monkeypatch.setattr(sup, "status", lambda: {"not json": {1, 2}})
+    from reuseport_standby.supervisor import view
+
+    monkeypatch.setattr(view, "status", lambda broker: {"not json": {1, 2}})
     with pytest.raises(ProtocolError) as err:
         client.query(sup.service, "status", sup.control_path, timeout=2)
     assert err.value.code == "internal"
@@ -450,7 +452,7 @@ def test_a_failure_anywhere_ends_that_peer_not_the_loop(inproc, monkeypatch: pyt
 
     # a peer's end: it is forgotten even when deactivating it fails
     wait_for(lambda: not sup.instances, 2, what="the earlier peers to be gone")
-    monkeypatch.setattr(sup, "_deactivate", boom)
+    monkeypatch.setattr(sup.broker, "deactivate", boom)
     c = connect(sup.control_path)
     request(c, {"op": "ping"}, timeout=2)
     assert len(sup.instances) == 1

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from reuseport_standby import client
+from reuseport_standby.supervisor.options import SuperviseOptions
 from reuseport_standby.errors import SupervisorUnavailable
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,12 +46,13 @@ class SupervisorProc:
         """Environment an instance needs to find this supervisor."""
         return {"REUSEPORT_STANDBY_SERVICE": self.service, "REUSEPORT_STANDBY_CONTROL": self.control}
 
+    def options(self) -> SuperviseOptions:
+        """The supervisor's options (the same object ``supervise``, ``run`` and the benchmarks build from)."""
+        return SuperviseOptions(service=self.service, binds=tuple(self.binds), control=self.control,
+                                pin_root=str(self.pin_root), extra=tuple(self.extra))
+
     def start(self, timeout: float = 15.0) -> "SupervisorProc":
-        cmd = [sys.executable, "-m", "reuseport_standby", "supervise", "--service", self.service,
-               "--control", self.control, "--pin-root", str(self.pin_root)]
-        for b in self.binds:
-            cmd += ["--bind", b]
-        cmd += self.extra
+        cmd = self.options().command()
         self.log_path = Path(self.control).with_suffix(f".{uuid.uuid4().hex[:6]}.log")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(self.log_path, "wb"), cwd=REPO)
         wait_for(self._up, timeout, what=f"supervisor at {self.control}\n{self.log()}")

@@ -1,0 +1,60 @@
+"""The words every part shares: environment variables, roles, instance states and scopes.
+
+One place, so that the supervisor, the integrations, the runner and the
+CLI cannot drift apart on a spelling.  The string values are the wire
+format (control protocol, ``status`` JSON, environment): they never change.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from .kernel.layout import Role
+
+__all__ = ["Role", "State", "Scope", "ENV_ROLE", "ENV_SERVICE", "ENV_CONTROL", "ENV_SCOPE",
+           "ENV_CONNECT_TIMEOUT", "ENV_GENERATION"]
+
+#: the role an instance serves (primary / standby)
+ENV_ROLE = "REUSEPORT_STANDBY_ROLE"
+#: the service name, which names the control socket and the pin directory
+ENV_SERVICE = "REUSEPORT_STANDBY_SERVICE"
+#: an explicit control socket path (default: derived from the service)
+ENV_CONTROL = "REUSEPORT_STANDBY_CONTROL"
+#: "instance" or "worker": who holds the listeners
+ENV_SCOPE = "REUSEPORT_STANDBY_SCOPE"
+#: seconds a gunicorn instance waits for the supervisor at start
+ENV_CONNECT_TIMEOUT = "REUSEPORT_STANDBY_CONNECT_TIMEOUT"
+#: set by ``run`` for its children: which generation (reload) they belong to
+ENV_GENERATION = "REUSEPORT_STANDBY_GENERATION"
+
+
+class State(str, enum.Enum):
+    """Where an instance is in its life, as the supervisor sees it."""
+
+    PENDING = "pending"    # has its listeners; not yet ready
+    ACTIVE = "active"      # its sockets are in slots of its role and get connections
+    DRAINING = "draining"  # said stop, or disconnected: out of the slots
+    DRAINED = "drained"    # slots kept but disabled by an operator
+    DEMOTED = "demoted"    # slots kept but disabled for hanging
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def alive(self) -> bool:
+        """Still holds (or will hold) listeners: everything but DRAINING."""
+        return self is not State.DRAINING
+
+    @property
+    def disabled(self) -> bool:
+        return self in (State.DRAINED, State.DEMOTED)
+
+
+class Scope(str, enum.Enum):
+    """Who holds the listeners: the instance (its workers share them) or each worker."""
+
+    INSTANCE = "instance"
+    WORKER = "worker"
+
+    def __str__(self) -> str:
+        return self.value
