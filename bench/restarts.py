@@ -71,6 +71,7 @@ sys.path.insert(0, str(REPO))
 from reuseport_standby import client  # noqa: E402
 from reuseport_standby.errors import ProtocolError, SupervisorUnavailable  # noqa: E402
 from reuseport_standby.loadgen import Load, LoadResult, exchange  # noqa: E402
+from reuseport_standby.status import instance_state  # noqa: E402
 from reuseport_standby.supervisor.options import SuperviseOptions  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -400,7 +401,7 @@ class Supervised(Contender):
         st = self._status()
         if st is None:
             return False
-        return any(i["pid"] == proc.pid and i["state"] == "active" for i in st["instances"])
+        return instance_state(st, proc.pid) == "active"
 
     def _instance(self, role: str) -> subprocess.Popen:
         env = {**self.setup.env(role), "REUSEPORT_STANDBY_SERVICE": self.service,

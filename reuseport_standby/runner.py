@@ -31,6 +31,7 @@ from .names import ENV_CONTROL, ENV_GENERATION, ENV_ROLE, ENV_SERVICE
 from . import client, protocol
 from .errors import ProtocolError, ReuseportStandbyError, SupervisorUnavailable
 from .kernel.layout import Role
+from .status import instance_state
 from .supervisor.options import SuperviseOptions
 from .wrap import instance_command
 
@@ -139,10 +140,7 @@ class Runner:
             st = client.query(self.cfg.service, "status", self.control)["status"]
         except (SupervisorUnavailable, ProtocolError, OSError):
             return None
-        for inst in st["instances"]:
-            if inst["pid"] == pid:
-                return inst["state"]
-        return None
+        return instance_state(st, pid)
 
     def wait_ready(self, m: Managed, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -15,6 +15,13 @@ from .kernel.sockets import Address
 from .supervisor.view import address_status
 
 
+def instance_state(doc: dict[str, Any], pid: int) -> str | None:
+    """The state the status document gives the instance whose process is ``pid`` (None: unknown).
+
+    The one answer to "is pid P active?", for ``check``, ``run``, the tests and the benchmarks."""
+    return next((i["state"] for i in doc.get("instances", []) if i["pid"] == pid), None)
+
+
 def collect(service: str, control: str | None = None, pin_root: str = DEFAULT_PIN_ROOT) -> dict[str, Any]:
     try:
         return {"source": "supervisor", **client.query(service, "status", control)["status"]}

@@ -167,3 +167,28 @@ def instances() -> Iterator[Instances]:
     made = Instances()
     yield made
     made.kill_all()
+
+
+@pytest.fixture(params=[pytest.param("in-memory"), pytest.param("kernel", marks=pytest.mark.kernel)])
+def control_plane(request: pytest.FixtureRequest, short_tmp: Path):
+    """Factory like ``supervisor``, for tests of the control plane only: each runs twice, against the
+    real loop and broker over the in-memory maps (fast tier: no root, no BPF) and against the real
+    supervisor in the running kernel."""
+    from helpers.procs import SupervisorProc
+
+    fake = request.param == "in-memory"
+    pin_root = short_tmp / "unused-pins" if fake else request.getfixturevalue("pin_root")
+    started: list[SupervisorProc] = []
+
+    def start(*, binds: list[str] | None = None, extra: list[str] | None = None) -> SupervisorProc:
+        service = f"t{uuid.uuid4().hex[:10]}"
+        sup = SupervisorProc(service=service, binds=binds or [f"127.0.0.1:{free_port()}"],
+                             control=str(short_tmp / f"{service}.sock"), pin_root=pin_root, extra=extra or [],
+                             fake_kernel=fake)
+        started.append(sup.start())
+        return sup
+
+    yield start
+    for sup in started:
+        sup.stop()
+

@@ -107,9 +107,9 @@ def test_a_broken_chunk_sequence_is_an_error() -> None:
 
 # -- 1. long replies from a live supervisor ---------------------------------------------------------------------
 
-def test_status_of_many_long_named_instances_is_answered(supervisor) -> None:
+def test_status_of_many_long_named_instances_is_answered(control_plane) -> None:
     """Hellos with 128-character names made `status` longer than 16 KiB, which ended the supervisor."""
-    sup = supervisor()
+    sup = control_plane()
     clients = []
     for _ in range(64):
         c = InstanceClient("standby", sup.service, control=sup.control, name=LONG_NAME, reconnect=False)
@@ -144,12 +144,12 @@ sys.stdin.read()
 """
 
 
-def test_status_of_a_worker_scope_rolling_reload_is_answered(supervisor) -> None:
+def test_status_of_a_worker_scope_rolling_reload_is_answered(control_plane) -> None:
     """The longest status the protocol produces: 2 addresses x 2 instances per role x 16 workers, long names.
     The client library and the `status` and `check` commands read it."""
     from conftest import free_port
 
-    sup = supervisor(binds=[f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"])
+    sup = control_plane(binds=[f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"])
     heads = []
     for role in ("primary", "primary", "standby", "standby"):
         heads.append(subprocess.Popen([sys.executable, "-c", HEAD_AND_WORKERS, sup.service, sup.control, role],
@@ -183,8 +183,8 @@ def test_status_of_a_worker_scope_rolling_reload_is_answered(supervisor) -> None
 
 # -- 2. a peer that does not read its replies ---------------------------------------------------------------------
 
-def test_a_peer_that_does_not_read_is_dropped_and_never_waited_for(supervisor) -> None:
-    sup = supervisor()
+def test_a_peer_that_does_not_read_is_dropped_and_never_waited_for(control_plane) -> None:
+    sup = control_plane()
     flooder = connect(sup.control)
     flooder.setblocking(False)
     req = protocol.encode({"op": "status"})
@@ -216,8 +216,8 @@ def test_a_peer_that_does_not_read_is_dropped_and_never_waited_for(supervisor) -
 
 # -- 3. file descriptors ------------------------------------------------------------------------------------------
 
-def test_out_of_file_descriptors_pauses_accepting_and_recovers(supervisor) -> None:
-    sup = supervisor()
+def test_out_of_file_descriptors_pauses_accepting_and_recovers(control_plane) -> None:
+    sup = control_plane()
     observer = connect(sup.control)
     request(observer, {"op": "ping"}, timeout=2)
     resource.prlimit(sup.proc.pid, resource.RLIMIT_NOFILE, (128, 128))

@@ -59,13 +59,13 @@ def test_valid_messages_parse() -> None:
     assert req.active and req.nfds == 2
 
 
-def test_live_supervisor_survives_random_messages(supervisor) -> None:
+def test_live_supervisor_survives_random_messages(control_plane) -> None:
     """A bounded stream of generated messages at a real supervisor: it answers each, and keeps serving."""
     import socket
 
     from reuseport_standby.client import InstanceClient, connect
 
-    sup = supervisor()
+    sup = control_plane()
     keeper = InstanceClient("primary", sup.service, control=sup.control)
     for s in keeper.open():
         s.close()

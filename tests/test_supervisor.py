@@ -168,8 +168,8 @@ def test_bad_input_gets_an_error_and_loses_nothing(supervisor) -> None:
     primary.stop()
 
 
-def test_slots_full_is_a_clear_error(supervisor) -> None:
-    sup = supervisor()
+def test_slots_full_is_a_clear_error(control_plane) -> None:
+    sup = control_plane()
     clients = []
     for _ in range(32):
         c = InstanceClient("standby", sup.service, control=sup.control, reconnect=False)

@@ -16,13 +16,14 @@ from helpers.fake_kernel import FakeKernel
 from reuseport_standby import cli, protocol
 from reuseport_standby.errors import ProtocolError, SlotsFull
 from reuseport_standby.kernel.layout import Config, Role
-from reuseport_standby.kernel.sockets import Address
+from reuseport_standby.kernel.sockets import Address, socket_cookie
 from reuseport_standby.names import Scope, State
 from reuseport_standby.supervisor import health, slots
 from reuseport_standby.supervisor.broker import Broker
 from reuseport_standby.supervisor.options import SuperviseOptions
 from reuseport_standby.supervisor.registry import Instance, Progress
 
+USER = 4242 if os.geteuid() != 4242 else 4243  # a uid no quota exempts (not root, not ours)
 PIDS = iter(range(2**30 + 10_000, 2**31))
 
 
@@ -135,7 +136,7 @@ def broker():
     b.close()
 
 
-def hello(b: Broker, role: str = "primary", uid: int = 1000, **fields: object) -> Instance:
+def hello(b: Broker, role: str = "primary", uid: int = USER, **fields: object) -> Instance:
     inst = b.registry.new(None, next(PIDS), uid)
     _, fds = b.handle(inst, req("hello", role=role, pid=inst.pid, **fields), [])
     b.held += [socket.socket(fileno=os.dup(fd)) for fd in fds]  # type: ignore[attr-defined]
@@ -151,7 +152,7 @@ def test_readopt_keeps_the_per_user_quota(broker: Broker) -> None:
         broker.disconnected(inst)  # drop it: hello's quota frees, the listeners stay with the peer
     results = []
     for socks in kept:
-        inst = broker.registry.new(None, next(PIDS), 1000)
+        inst = broker.registry.new(None, next(PIDS), USER)
         try:
             broker.handle(inst, req("readopt", 2, role="primary", pid=inst.pid, active=True), socks)
             results.append(inst.state.value)
@@ -210,3 +211,35 @@ def test_status_of_two_addresses_and_sixteen_workers_is_one_document(broker: Bro
     assert all(st["slots"] for st in reply["status"]["addresses"])
     assert len(frames) > 1 and all(len(data) <= protocol.MAX_MESSAGE for data, _ in frames)
     assert all(i["scope"] in (Scope.INSTANCE.value, Scope.WORKER.value) for i in reply["status"]["instances"])
+
+
+def test_sockets_the_kernel_kept_in_slots_are_readopted_whatever_the_quota(broker: Broker) -> None:
+    """After a supervisor restart, refusing an instance whose socket is still in its slot would leave
+    a slot nobody manages; the quota applies to slots taken anew (found by the stateful test)."""
+    serving = []
+    for _ in range(2):
+        broker.handle(hello(broker), req("ready"), [])
+        serving.append(broker.held[-2:])  # type: ignore[attr-defined]
+    groups = {a: st.group for a, st in broker.states.items()}
+    for st in broker.states.values():  # the supervisor dies: its anchors close, the kernel keeps the rest
+        st.group.socket_closed(socket_cookie(st.anchor))  # type: ignore[attr-defined]
+        st.anchor.close()
+    broker.states.clear()
+    restarted = Broker("parts", broker.addresses, backlog=16, open_group=groups.__getitem__, queues=dict,
+                       stall_timeout=0)
+    restarted.open()
+    restarted.held = broker.held  # type: ignore[attr-defined]
+    try:
+        hello(restarted)
+        hello(restarted)  # two new instances of that user came first: its quota is used up
+        for socks in serving:
+            inst = restarted.registry.new(None, next(PIDS), USER)
+            restarted.handle(inst, req("readopt", 2, role="primary", pid=inst.pid, active=True), socks)
+            assert inst.state is State.ACTIVE
+        for a, st in restarted.states.items():
+            owned = {i.cookies[a] for i in restarted.registry if a in i.slots}
+            assert {c for slot, c in st.group.slots().items() if slot != 64} == owned, "a slot nobody owns"
+    finally:
+        for inst in restarted.registry:
+            restarted.close_pending(inst)
+        restarted.close()

@@ -84,7 +84,7 @@ class Broker:
         self.queues = queues
         self.stall_timeout = stall_timeout
         self.on_hang = on_hang
-        self.registry = Registry()
+        self.registry = Registry(trusted_uids=frozenset({0, os.geteuid()}))
         self.states: dict[Address, AddressState] = {}
         self.swapped = False
         self.demotions_total = 0
@@ -309,13 +309,18 @@ class Broker:
                 raise ProtocolError("address_mismatch", f"the socket sent for {address} is bound to {local[0]}:{local[1]}")
         role = self.role_of_worker(req) or req.role
         parent_checked = req.parent is None or may_be_child(inst.pid, req.parent)
-        # The same quota as hello: else a user could collect listeners through hellos, drop them,
-        # and readopt them all as active (found by the stateful test).
-        self.registry.check_quota(inst, role, req.parent, parent_checked)
+        cookies = [socket_cookie(s) for s in socks]
+        in_place = req.active and all(c in self.states[a].group.slots().values() for a, c in zip(self.addresses, cookies))
+        if not in_place:
+            # Taking a slot anew, or holding listeners pending, counts as hello does: else a user could
+            # collect listeners through hellos, drop the connections, and readopt them all as active (found
+            # by the stateful test).  Sockets the kernel kept in their slots are re-adopted whatever the
+            # count: refusing them would leave slots no supervisor knows of.
+            self.registry.check_quota(inst, role, req.parent, parent_checked)
         inst.role, inst.name, inst.heartbeat = role, req.name, req.heartbeat
         inst.scope, inst.parent, inst.parent_checked = Scope(req.scope), req.parent, parent_checked
-        for address, sock in zip(self.addresses, socks):
-            inst.cookies[address] = socket_cookie(sock)
+        for address, cookie in zip(self.addresses, cookies):
+            inst.cookies[address] = cookie
         if req.active:
             found: dict[Address, int] = {}
             for address, sock in zip(self.addresses, socks):

@@ -82,7 +82,9 @@ class Instance:
 class Registry:
     """Every connected peer, in the order they came."""
 
-    def __init__(self) -> None:
+    def __init__(self, trusted_uids: frozenset[int] = frozenset({0})) -> None:
+        #: uids no quota applies to: root and the supervisor's own user, who may do anything here anyway
+        self.trusted_uids = trusted_uids
         self._by_id: dict[int, Instance] = {}
         self._ids = itertools.count(1)
         self.connections_by_uid: Counter[int] = Counter()
@@ -139,13 +141,13 @@ class Registry:
 
     # -- quotas -----------------------------------------------------------------------
     def connection_refusal(self, uid: int, cap: int, service: str) -> str | None:
-        if uid == 0 or self.connections_by_uid[uid] < cap:
+        if uid in self.trusted_uids or self.connections_by_uid[uid] < cap:
             return None
         return (f"uid {uid} already holds {self.connections_by_uid[uid]} control connections to service "
                 f"{service}, the most one user may (--max-connections-per-uid); close some first")
 
     def check_quota(self, inst: Instance, role: Role, parent: int | None, parent_checked: bool) -> None:
-        """No uid but root holds more than two instances' worth of one role's slots.
+        """No uid but root (or the supervisor's own) holds more than two instances' worth of one role's slots.
 
         Else one user (any member of --group) could take every free slot of a
         role, and the next rolling reload of the real service would fail.  An
@@ -154,7 +156,7 @@ class Registry:
         its instance only if it is that process's child (when the kernel lets
         us check); otherwise it counts as an instance of its own.
         """
-        if inst.uid == 0:
+        if inst.uid in self.trusted_uids:
             return
         head = self.head_by_pid(parent) if parent is not None and parent_checked else None
         if head is not None:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from collections import Counter
 
+from reuseport_standby.status import instance_state
+
 from .procs import REPO, wait_for
 
 ECHO = REPO / "tests" / "apps" / "echo_instance.py"
@@ -22,10 +24,7 @@ class Echo:
                                      cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def state(self) -> str | None:
-        for inst in self.sup.status()["instances"]:
-            if inst["pid"] == self.proc.pid:
-                return inst["state"]
-        return None
+        return instance_state(self.sup.status(), self.proc.pid)
 
     def wait(self, state: str = "active", timeout: float = 15) -> "Echo":
         def check() -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import subprocess
 import time
 import uuid
@@ -38,6 +39,8 @@ class SupervisorProc:
     control: str
     pin_root: Path
     extra: list[str] = field(default_factory=list)
+    #: the real loop and broker over the in-memory maps (tests/helpers/fake_supervise.py): no root, no BPF
+    fake_kernel: bool = False
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
 
@@ -53,6 +56,8 @@ class SupervisorProc:
 
     def start(self, timeout: float = 15.0) -> "SupervisorProc":
         cmd = self.options().command()
+        if self.fake_kernel:
+            cmd = [sys.executable, str(REPO / "tests" / "helpers" / "fake_supervise.py"), *cmd[4:]]
         self.log_path = Path(self.control).with_suffix(f".{uuid.uuid4().hex[:6]}.log")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(self.log_path, "wb"), cwd=REPO)
         wait_for(self._up, timeout, what=f"supervisor at {self.control}\n{self.log()}")

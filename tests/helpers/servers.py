@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from reuseport_standby.status import instance_state
+
 from .procs import REPO, SupervisorProc, stop_process_group, wait_for
 from reuseport_standby.loadgen import Load, LoadResult
 
@@ -51,10 +53,7 @@ class InstanceProc:
     def state(self) -> str | None:
         """This instance's state as the supervisor reports it (matched by pid)."""
         assert self.proc is not None
-        for inst in self.sup.status()["instances"]:
-            if inst["pid"] == self.proc.pid:
-                return inst["state"]
-        return None
+        return instance_state(self.sup.status(), self.proc.pid)
 
     def wait_active(self, timeout: float = 30.0) -> "InstanceProc":
         def active() -> bool:
