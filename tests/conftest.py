@@ -8,11 +8,13 @@ import shutil
 import socket
 import uuid
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import pytest
 
-from helpers.uvicorn_runs import Instances
+if TYPE_CHECKING:
+    from helpers.uvicorn_runs import Instances
 
 REQUIRE_KERNEL = os.environ.get("REUSEPORT_STANDBY_REQUIRE_KERNEL") == "1"
 TEST_PIN_BASE = Path("/sys/fs/bpf/reuseport_standby_test")
@@ -162,8 +164,10 @@ def supervisor(pin_root: Path, short_tmp: Path):
 
 
 @pytest.fixture
-def instances() -> Iterator[Instances]:
+def instances() -> Iterator["Instances"]:
     """uvicorn instances started by a test: whatever still runs at its end is killed with its workers."""
+    from helpers.uvicorn_runs import Instances
+
     made = Instances()
     yield made
     made.kill_all()

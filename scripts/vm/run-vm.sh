@@ -49,7 +49,9 @@ if [ ! -d "$wheelhouse" ]; then
 fi
 cp "$wheelhouse"/*.whl "$payload/wheels/"
 mkdir -p "$payload/tests" "$payload/examples"
-cp "$repo/tests/conftest.py" "$repo/tests/netutil.py" "$repo/tests/test_kernel.py" "$payload/tests/"
+cp "$repo/tests/conftest.py" "$repo/tests/test_kernel.py" "$payload/tests/"
+mkdir -p "$payload/tests/helpers"
+cp "$repo/tests/helpers/__init__.py" "$repo/tests/helpers/netutil.py" "$payload/tests/helpers/"
 cp -r "$repo/examples/systemd" "$payload/examples/"
 cp -r "$here/guest" "$payload/guest"
 # VM_STEPS: only these steps of guest/run.sh (e.g. "venv systemd"); VM_GUEST_SCRIPT:
