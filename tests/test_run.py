@@ -191,8 +191,12 @@ def test_users_own_gunicorn_config_keeps_working(short_tmp: Path, pin_root: Path
     try:
         pids = run.wait_both()
         assert len(marker.read_text().split()) >= 1, "their post_worker_init ran in the workers"
-        workers = subprocess.check_output(["pgrep", "-P", str(pids["primary"])]).split()
-        assert len(workers) == 3
+        # The instance is ready when its first worker is; gunicorn forks the rest without waiting.
+        def children() -> list[bytes]:
+            r = subprocess.run(["pgrep", "-P", str(pids["primary"])], capture_output=True)
+            return r.stdout.split()
+        wait_for(lambda: len(children()) >= 3, timeout=30, what="3 gunicorn workers")
+        assert len(children()) == 3, "their workers = 3 applies, not ours"
         with Load("127.0.0.1", run.port, concurrency=4, duration=120) as load:
             request_reload(run.service, run.control, timeout=120)
             run.wait_both()
