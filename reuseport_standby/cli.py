@@ -49,8 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--bind", type=_address, action="append", required=True, metavar="HOST:PORT",
                     help="address to serve; repeat for several (IPv6 as [::1]:8000)")
     sp.add_argument("--backlog", type=int, default=DEFAULT_BACKLOG, help=f"listen() backlog of every socket (default {DEFAULT_BACKLOG})")
-    sp.add_argument("--group", default=None, help="group allowed on the control socket (besides root and this user)")
-    sp.add_argument("--mount-bpffs", action="store_true", help="mount bpffs at /sys/fs/bpf if it is not mounted")
+    sp.add_argument("--group", default=None, help="group allowed on the control socket (besides root and this user): "
+                                                  "instances and status readers")
+    sp.add_argument("--admin-group", default=None, metavar="GROUP",
+                    help="group whose members may also send operator commands (weight, promote, drain, undrain); "
+                         "without it only root and this user may. Its members need --group too, to reach the socket")
+    sp.add_argument("--mount-bpffs", action="store_true", help="mount bpffs at /sys/fs/bpf (mode 0700) if it is not mounted")
     sp.add_argument("--no-migrate", action="store_true", help="load as plain SELECT (no queue migration; for comparisons only)")
     sp.add_argument("--stall-timeout", type=float, default=2.0,
                     help="demote an active instance whose queue waits this long with nothing accepted (seconds; 0 = off; default 2)")
@@ -92,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--bind", type=_address, action="append", required=True, metavar="HOST:PORT")
     rn.add_argument("--backlog", type=int, default=None)
     rn.add_argument("--group", default=None, help="group allowed on the control socket")
+    rn.add_argument("--admin-group", default=None, metavar="GROUP",
+                    help="group whose members may send operator commands (passed to the supervisor)")
     rn.add_argument("--ready-timeout", type=float, default=60.0, help="seconds a new instance has to become ready (default 60)")
     rn.add_argument("--stop-timeout", type=float, default=30.0, help="seconds an instance has to drain before SIGKILL (default 30)")
     rn.add_argument("--scope", choices=("instance", "worker"), default=None,
@@ -142,13 +148,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except SupervisorUnavailable as exc:
-        print(f"reuseport-standby: {exc}", file=sys.stderr)
+        print(f"reuseport-standby: {printable(str(exc))}", file=sys.stderr)
         return EXIT_NOT_RUNNING
     except (ReuseportStandbyError, ValueError) as exc:
-        print(f"reuseport-standby: {exc}", file=sys.stderr)
+        # A refusal from the supervisor (forbidden, malformed...) is a ProtocolError: one line, no traceback.
+        print(f"reuseport-standby: {printable(str(exc))}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+
+
+def printable(text: str) -> str:
+    """What reaches the terminal may quote a peer: non-printable characters escaped (status.printable)."""
+    from .status import printable
+
+    return printable(text)
 
 
 def cmd_supervise(args: argparse.Namespace) -> int:
@@ -226,7 +240,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             break
         time.sleep(0.2)
     if problem:
-        print(f"reuseport-standby: {problem}", file=sys.stderr)
+        print(f"reuseport-standby: {printable(problem)}", file=sys.stderr)
     return code
 
 
@@ -236,7 +250,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     supervisor = SuperviseOptions(
         service=args.service, binds=tuple(args.bind), control=args.control, group=args.group,
-        pin_root=args.pin_root, migrate=False if args.no_migrate else None, mount_bpffs=True,
+        admin_group=args.admin_group, pin_root=args.pin_root, migrate=False if args.no_migrate else None, mount_bpffs=True,
         **{name: value for name, value in (("backlog", args.backlog), ("stall_timeout", args.stall_timeout),
                                            ("on_hang", args.on_hang), ("metrics", args.metrics),
                                            ("loader", args.loader),
@@ -257,11 +271,11 @@ def cmd_admin(args: argparse.Namespace) -> int:
         msg["role"] = args.role
     reply = client.admin(args.service, msg, args.control)
     if args.command == "weight":
-        print(f"standby weight: {reply['standby_weight']}%")
+        print(printable(f"standby weight: {reply['standby_weight']}%"))
     elif args.command == "promote":
-        print(f"promoted: instance(s) {reply['primary']} now primary, {reply['standby']} now standby")
+        print(printable(f"promoted: instance(s) {reply['primary']} now primary, {reply['standby']} now standby"))
     else:
-        print(", ".join(f"instance {i['id']} (pid {i['pid']}) {i['state']}" for i in reply["instances"]))
+        print(printable(", ".join(f"instance {i['id']} (pid {i['pid']}) {i['state']}" for i in reply["instances"])))
     return EXIT_OK
 
 

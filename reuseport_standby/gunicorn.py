@@ -48,6 +48,7 @@ from . import protocol
 from .client import InstanceClient
 from .errors import ReuseportStandbyError
 from .kernel.layout import WORKERS_PER_INSTANCE, Role
+from .kernel import seccomp
 
 if TYPE_CHECKING:
     import socket
@@ -132,6 +133,7 @@ class GunicornInstance:
     @classmethod
     def open(cls, settings: Settings) -> "GunicornInstance":
         """Register with the supervisor and take this instance's listeners."""
+        seccomp.forbid_group_steering()  # before the app is imported (docs/security.md, "Program integrity")
         client = InstanceClient(settings.role, settings.service, control=settings.control, name="gunicorn",
                                 connect_timeout=settings.connect_timeout, scope=settings.scope)
         socks = client.open()

@@ -79,13 +79,24 @@ class SupervisorCollector:
             instances.add_metric([sup.service, role, state], n)
         demotions = CounterMetricFamily("reuseport_standby_demotions", "Instances demoted for hanging", labels=["service"])
         demotions.add_metric([sup.service], sup.broker.demotions_total)
+        restorations = CounterMetricFamily(
+            "reuseport_standby_program_restorations",
+            "Times our program was found detached from the group and re-attached (docs/security.md)",
+            labels=["service", "address"])
+        bypassed = CounterMetricFamily(
+            "reuseport_standby_program_bypassed_connections",
+            "Connections seen reaching the port while our program was detached (a lower bound)",
+            labels=["service", "address"])
+        for address, st in list(sup.states.items()):
+            restorations.add_metric([sup.service, str(address)], st.watch.restorations)
+            bypassed.add_metric([sup.service, str(address)], st.watch.bypassed)
         swapped = GaugeMetricFamily("reuseport_standby_roles_swapped", "1 after a promote swapped the roles", labels=["service"])
         swapped.add_metric([sup.service], int(sup.broker.swapped))
         kernel = CounterMetricFamily("reuseport_standby_kernel_tcp", "TcpExt counters of this network namespace (nstat)",
                                      labels=["counter"])
         for k, v in tcpext().items():
             kernel.add_metric([k], v)
-        yield from (conns, weight, queue, instances, demotions, swapped, kernel)
+        yield from (conns, weight, queue, instances, demotions, restorations, bypassed, swapped, kernel)
 
 
 def _cookie(sock: object) -> int:

@@ -12,7 +12,7 @@ import enum
 from .kernel.layout import Role
 
 __all__ = ["Role", "State", "Scope", "ENV_ROLE", "ENV_SERVICE", "ENV_CONTROL", "ENV_SCOPE",
-           "ENV_CONNECT_TIMEOUT", "ENV_GENERATION"]
+           "ENV_CONNECT_TIMEOUT", "ENV_GENERATION", "ENV_SECCOMP"]
 
 #: the role an instance serves (primary / standby)
 ENV_ROLE = "REUSEPORT_STANDBY_ROLE"
@@ -26,6 +26,8 @@ ENV_SCOPE = "REUSEPORT_STANDBY_SCOPE"
 ENV_CONNECT_TIMEOUT = "REUSEPORT_STANDBY_CONNECT_TIMEOUT"
 #: set by ``run`` for its children: which generation (reload) they belong to
 ENV_GENERATION = "REUSEPORT_STANDBY_GENERATION"
+#: "off": the integrations install no seccomp filter against steering the port (kernel/seccomp.py)
+ENV_SECCOMP = "REUSEPORT_STANDBY_SECCOMP"
 
 
 class State(str, enum.Enum):

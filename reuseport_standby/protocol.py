@@ -35,6 +35,13 @@ DEFAULT_SERVICE = "default"
 CONTROL_DIR = "/run/reuseport-standby"
 
 SERVICE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+#: an instance's name (``hello``, ``readopt``): shown in ``status`` and in the supervisor's log, so printable
+#: ASCII of a few kinds only (no control character, no escape code, no newline); empty when unnamed.  Wide
+#: enough for what the integrations send: "gunicorn worker 3", "uvicorn app.main:app (4 workers)",
+#: "uvicorn make_app.<locals>.App".
+NAME_MAX = 128
+NAME_CHARS = "ASCII letters, digits, spaces and . _ : @ + - / ( ) < > [ ]"
+NAME_RE = re.compile(r"[A-Za-z0-9 ._:@+/()<>\[\]-]*")
 
 OPS = ("hello", "ready", "stop", "readopt", "status", "ping", "heartbeat", "weight", "promote", "drain", "undrain")
 #: socket scopes: one set of listeners per instance, or one per worker process
@@ -46,6 +53,20 @@ ADMIN_OPS = ("weight", "promote", "drain", "undrain")
 def check_service(name: str) -> str:
     if not isinstance(name, str) or not SERVICE_RE.fullmatch(name):
         raise ValueError(f"bad service name {name!r}: use 1-64 letters, digits, '-' or '_' (no dots: bpffs forbids them)")
+    return name
+
+
+def check_name(name: object) -> str:
+    """An instance's name as the supervisor accepts it; else ProtocolError "malformed", saying what is allowed
+    (and never quoting the name: it may be meant for a terminal or a log)."""
+    if not isinstance(name, str):
+        raise ProtocolError("malformed", f"'name' must be a string, got {type(name).__name__}")
+    if len(name) > NAME_MAX:
+        raise ProtocolError("malformed", f"'name' is {len(name)} characters long; at most {NAME_MAX} are allowed")
+    if not NAME_RE.fullmatch(name):
+        bad = next(i for i, c in enumerate(name) if not NAME_RE.fullmatch(c))
+        raise ProtocolError("malformed", f"'name' may hold only {NAME_CHARS} (at most {NAME_MAX}); character "
+                            f"{bad + 1} is U+{ord(name[bad]):04X}")
     return name
 
 
@@ -106,9 +127,7 @@ def parse_request(raw: bytes, nfds: int = 0) -> Request:
     active = msg.get("active", False)
     if not isinstance(active, bool):
         raise ProtocolError("malformed", "'active' must be true or false")
-    name = msg.get("name", "")
-    if not isinstance(name, str) or len(name) > 128:
-        raise ProtocolError("malformed", "'name' must be a string of at most 128 characters")
+    name = check_name(msg.get("name", ""))
     heartbeat = msg.get("heartbeat")
     if heartbeat is not None and (isinstance(heartbeat, bool) or not isinstance(heartbeat, (int, float))
                                   or not 0.05 <= heartbeat <= 60):
@@ -207,29 +226,75 @@ def recv(sock: socket.socket) -> tuple[bytes, list[int], bool]:
 def listen_unix(path: str, what: str, backlog: int = 64) -> socket.socket:
     """A non-blocking SOCK_SEQPACKET server at ``path``, mode 0660.
 
-    A socket file nobody listens on (left by a crash) is replaced; one that
-    answers belongs to a running ``what`` and is refused.
+    Its directory must be root's (or ours) and writable by nobody else, unless sticky like /tmp:
+    whoever may rename files there could put a link in the socket's place between our bind and our
+    chown.  A missing directory is created 0755.  The socket takes its mode from the umask at bind,
+    never from a chmod through the path.  A socket file nobody listens on (left by a crash) is
+    replaced; one that answers belongs to a running ``what`` and is refused; anything else at ``path``
+    (a link, a file) is refused, never followed nor removed.
     """
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    if os.path.exists(path):
+    import stat
+
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.lexists(directory):
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        made = True
+    else:
+        made = False
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # a root's link such as /var/run is fine
+    try:
+        st, link = os.fstat(fd), os.lstat(directory)
+        if made and st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != 0o755:
+            os.fchmod(fd, 0o755)  # whatever the umask (0077 under systemd): instances must reach the socket
+            st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    mine = (0, os.geteuid())
+    problem = None
+    if stat.S_ISLNK(link.st_mode) and link.st_uid not in mine:
+        problem = f"is a symbolic link of uid {link.st_uid}'s"
+    elif st.st_uid not in mine:
+        problem = f"belongs to uid {st.st_uid}"
+    elif st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        problem = f"is writable by {'others' if st.st_mode & 0o002 else 'its group'} (mode {stat.S_IMODE(st.st_mode):04o})"
+    if problem:
+        raise ReuseportStandbyError(
+            f"refusing to listen at {path}: its directory {directory} {problem}, so another user could replace the "
+            f"socket. Use a directory that only root (or this user) may write, e.g. the default {CONTROL_DIR}, "
+            f"or fix it (chown root {directory}; chmod go-w {directory})")
+    try:
+        node = os.lstat(path)
+    except FileNotFoundError:
+        node = None
+    if node is not None:
+        if not stat.S_ISSOCK(node.st_mode):
+            kind = "a symbolic link" if stat.S_ISLNK(node.st_mode) else "not a socket"
+            raise ReuseportStandbyError(f"{path} exists and is {kind}: not touched. Remove it if it is not needed, "
+                                        f"or pass another --control path")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             probe.connect(path)
         except OSError:
-            os.unlink(path)  # stale
+            os.unlink(path)  # a stale socket (unlink never follows a link; that one was a socket)
         else:
             raise ReuseportStandbyError(f"another {what} already serves {path}; stop it first or pass another --control path")
         finally:
             probe.close()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    old_umask = os.umask(0o117)
     try:
-        server.bind(path)
-    finally:
-        os.umask(old_umask)
-    os.chmod(path, 0o660)
-    server.listen(backlog)
-    server.setblocking(False)
+        old_umask = os.umask(0o117)  # the node is made 0660 by bind itself
+        try:
+            server.bind(path)
+        finally:
+            os.umask(old_umask)
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise ReuseportStandbyError(f"{path} was replaced right after it was bound (it is no socket now): someone "
+                                        f"with write access to {directory} is at work; not touched")
+        server.listen(backlog)
+        server.setblocking(False)
+    except BaseException:
+        server.close()
+        raise
     return server
 
 

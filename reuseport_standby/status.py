@@ -51,7 +51,20 @@ def offline(service: str, pin_root: str, reason: str) -> dict[str, Any]:
             "addresses": addresses, "instances": []}
 
 
+def printable(text: str) -> str:
+    """``text`` with every non-printable character escaped (ESC as ``\\x1b``, a newline as ``\\n``, a bidi
+    override as ``\\u202e``...).  Names and reasons in a status document come from peers (and a document from
+    an older supervisor may carry them unchecked): none may move the cursor, recolour the terminal, or make
+    a line of its own."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def render(st: dict[str, Any]) -> str:
+    """The human view: every line escaped whole (``printable``), so no string in it reaches the terminal raw."""
+    return "\n".join(printable(line) for line in _lines(st))
+
+
+def _lines(st: dict[str, Any]) -> list[str]:
     lines = [f"service {st['service']}"]
     sup = st.get("supervisor")
     if sup:
@@ -89,7 +102,12 @@ def render(st: dict[str, Any]) -> str:
                          f"  connections {s['connections']}" + ("  DISABLED" if s.get("disabled") else ""))
         counters = "  ".join(f"{k}={v}" for k, v in a["counters"].items())
         lines.append(f"    counters: {counters}")
-    return "\n".join(lines)
+        integrity = a.get("program_integrity")
+        if integrity and integrity.get("restorations"):
+            lines.append(f"    PROGRAM RESTORED {integrity['restorations']} time(s): at least "
+                         f"{integrity['bypassed_connections']} connection(s) were chosen without it "
+                         f"(a member of --group detached it; docs/security.md)")
+    return lines
 
 
 def _instance_line(inst: dict[str, Any], with_role: bool = True) -> str:

@@ -71,6 +71,7 @@ from . import protocol
 from .client import InstanceClient
 from .errors import ReuseportStandbyError
 from .kernel.layout import WORKERS_PER_INSTANCE, Role
+from .kernel import seccomp
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,7 @@ def run(
                          "every worker process imports it itself")
     the_scope = resolve_scope(scope, cfg.workers)
 
+    seccomp.forbid_group_steering()  # the app's own code must not steer the port (docs/security.md)
     client = InstanceClient(the_role, the_service, control=control, name=_instance_name(app, cfg.workers),
                             scope=the_scope)
     sockets = client.open()

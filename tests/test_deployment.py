@@ -145,7 +145,12 @@ def test_kubernetes_manifests_validate() -> None:
     assert dep["spec"]["template"]["spec"] == pod["spec"], "deployment.yaml must keep pod.yaml's pod spec"
     spec = pod["spec"]
     assert spec["shareProcessNamespace"] is True
-    (sup,) = spec["initContainers"]
+    prep, sup = spec["initContainers"]
+    # The emptyDir is 0777 in Kubernetes: the supervisor refuses a socket directory others may write, so a
+    # first init container closes it (root owns it; chmod by the owner needs no capability).
+    assert prep["command"] == ["chmod", "2755", "/run/reuseport-standby"] and "restartPolicy" not in prep
+    assert prep["securityContext"]["capabilities"]["drop"] == ["ALL"] and "add" not in prep["securityContext"]["capabilities"]
+    assert {"name": "control", "mountPath": "/run/reuseport-standby"} in prep["volumeMounts"]
     assert sup["restartPolicy"] == "Always", "a native sidecar: starts first, stops last"
     sc = sup["securityContext"]
     assert sc["capabilities"]["drop"] == ["ALL"]
@@ -159,6 +164,41 @@ def test_kubernetes_manifests_validate() -> None:
         assert {"name": "control", "mountPath": "/run/reuseport-standby"} in c["volumeMounts"]
         assert "readinessProbe" not in c, "the pod's readiness is the service's (sidecar), not one instance's"
     assert "--group" in sup["command"] and sup["command"][sup["command"].index("--group") + 1] == str(spec["securityContext"]["fsGroup"])
+
+
+@pytest.mark.kernel  # root: chown, and a peer of another uid
+def test_the_pods_control_directory_is_refused_as_kubernetes_makes_it_and_fine_once_closed(short_tmp: Path) -> None:
+    """An emptyDir is root's, 0777 (setgid and group fsGroup with fsGroup set): the supervisor refuses to
+    listen there, since any container could put its own socket in the supervisor's place.  After the
+    manifest's first init container (its command, run as root), the supervisor listens and an instance of
+    the fsGroup connects."""
+    from reuseport_standby import protocol
+    from reuseport_standby.errors import ReuseportStandbyError
+    from reuseport_standby.supervisor.peers import give_to_group
+
+    prep = next(d for d in _manifests() if d["kind"] == "Pod")["spec"]["initContainers"][0]
+    volume = short_tmp / "control"
+    volume.mkdir()
+    os.chown(volume, 0, NOGROUP)
+    os.chmod(volume, 0o2777)
+    sock = volume / "web.sock"
+    with pytest.raises(ReuseportStandbyError, match="writable by others"):
+        protocol.listen_unix(str(sock), "supervisor")
+    cmd = [str(volume) if a == "/run/reuseport-standby" else a for a in prep["command"]]
+    subprocess.run(cmd, check=True, timeout=30)
+    server = protocol.listen_unix(str(sock), "supervisor")
+    try:
+        give_to_group(sock, NOGROUP, "nogroup")
+        r = subprocess.run(as_nobody(str(SYSTEM_PYTHON), "-I", "-c",
+                                     "import socket, sys; s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET); "
+                                     "s.connect(sys.argv[1]); print('connected')", str(sock)),
+                           capture_output=True, text=True, timeout=30, cwd="/")
+        assert r.stdout.strip() == "connected", r.stderr
+        r = subprocess.run(as_nobody("sh", "-c", f"mv {sock} {volume}/x || echo refused"), capture_output=True,
+                           text=True, timeout=30, cwd="/")
+        assert "refused" in r.stdout and sock.exists(), "nobody may move the socket any more"
+    finally:
+        server.close()
 
 
 def test_containerfile_lints_and_copies_what_exists() -> None:
@@ -378,8 +418,8 @@ def test_an_instance_cannot_deactivate_or_take_over_another(capped, deploy_venv:
     listener of its own on another address, though the supervisor slots it,
     takes no connection of the group (the kernel refuses to select a socket
     of another group, and the program moves on).  Operator requests
-    (``drain``, ``promote``, ``weight``) are open to every authorized peer:
-    membership of --group is operator authority (docs/security.md).
+    (``drain``, ``promote``, ``weight``) are refused to it: they need root,
+    the supervisor's user or --admin-group (docs/security.md).
     """
     sup = capped()
     standby = echo(sup, "standby", deploy_venv).start().wait_active()
@@ -404,11 +444,13 @@ def test_an_instance_cannot_deactivate_or_take_over_another(capped, deploy_venv:
             (inst,) = [i for i in st["instances"] if i["pid"] == pid]
             assert inst["state"] == "active" and inst["slots"] == slots, inst
         print(f"\nforeign readopt: {out['readopt_foreign']}")
-        # ...while an operator request from the same peer is honoured: group membership is operator authority.
+        # ...and an operator request from the same peer is refused, in one line: --group is no operator authority.
         r = subprocess.run(as_nobody(str(deploy_venv / "bin" / "reuseport-standby"), "drain", "--role", "primary",
                                      "--service", sup.service, "--control", sup.control),
                            capture_output=True, text=True, timeout=60, cwd="/")
-        assert r.returncode == 0, r.stderr
+        assert r.returncode == 1 and "operator command" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert who(host, port, 10) == Counter({f"primary {primary.proc.pid}": 10})
+        client.admin(sup.service, {"op": "drain", "role": "primary"}, sup.control)  # root is an operator
         assert who(host, port, 10) == Counter({f"standby {standby.proc.pid}": 10})
         client.admin(sup.service, {"op": "undrain", "role": "primary"}, sup.control)
         assert who(host, port, 10) == Counter({f"primary {primary.proc.pid}": 10})

@@ -133,22 +133,39 @@ class Group:
             raise
 
     def share_read_only(self, gid: int) -> None:
-        """Let members of ``gid`` read the pins (status, metrics) without CAP_BPF; writes stay root's."""
-        for path in [self.pin_dir.parent, self.pin_dir, *self.pin_dir.iterdir()]:
+        """Let members of ``gid`` read the pins (status, metrics) without CAP_BPF; writes stay root's.
+
+        Never through a symbolic link: one is refused, and chown/chmod are told not to follow links.
+        Nothing can be swapped in between the check and the change: the directories above were found
+        root's and not writable by others when they were opened (``pins.make_pin_dir``)."""
+        from stat import S_IMODE, S_ISDIR, S_ISLNK
+
+        def chmod(path: Path, mode: int) -> None:
             try:
-                os.chown(path, -1, gid)
+                os.chmod(path, mode, follow_symlinks=False)
+            except NotImplementedError:  # a libc without fchmodat(AT_SYMLINK_NOFOLLOW): not a link (checked)
+                os.chmod(path, mode)
+
+        for path in [self.pin_dir.parent, self.pin_dir, *self.pin_dir.iterdir()]:
+            st = os.lstat(path)
+            if S_ISLNK(st.st_mode):
+                raise PermissionProblem(
+                    f"refusing to give {path} to gid {gid}: it is a symbolic link, not one of our pins (someone with "
+                    f"write access to {path.parent} put it there); remove it and start again")
+            try:
+                os.chown(path, -1, gid, follow_symlinks=False)
             except PermissionError:
                 raise PermissionProblem(
                     f"cannot give the pins at {path} to gid {gid}: without CAP_CHOWN the supervisor can only hand "
                     f"files to a group it belongs to (systemd: SupplementaryGroups=; Kubernetes: fsGroup)") from None
-            os.chmod(path, 0o750 if path.is_dir() else 0o640)
+            chmod(path, 0o750 if S_ISDIR(st.st_mode) else 0o640)
         # The pin root above the service (ours, e.g. /sys/fs/bpf/reuseport_standby) was created under
         # the supervisor's umask (0077 in the systemd unit): members need to pass through it.
         root = self.pin_dir.parent.parent
-        st = root.stat()
-        if st.st_uid == os.geteuid() and st.st_mode & 0o011 != 0o011:
+        st = os.lstat(root)
+        if not S_ISLNK(st.st_mode) and st.st_uid == os.geteuid() and st.st_mode & 0o011 != 0o011:
             try:
-                os.chmod(root, st.st_mode & 0o7777 | 0o011)
+                chmod(root, S_IMODE(st.st_mode) | 0o011)
             except OSError as exc:  # e.g. read-only outside this service's directory (the systemd unit)
                 log.warning("members of gid %d cannot pass through %s (%s): they will not read the pins "
                             "while the supervisor is down", gid, root, exc.strerror)

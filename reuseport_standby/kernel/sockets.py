@@ -71,6 +71,23 @@ def create_listener(address: Address, backlog: int = DEFAULT_BACKLOG) -> socket.
     return sock
 
 
+SO_LOCK_FILTER = 44
+SO_DETACH_REUSEPORT_BPF = 68
+
+
+def lock_filter(sock: socket.socket) -> None:
+    """Forbid, for good, attaching any program through this socket.
+
+    A listener handed to an instance is a member of the group, and without
+    this any process holding it could replace the group's program with its
+    own (``SO_ATTACH_REUSEPORT_CBPF`` needs no privilege) and take the port.
+    The kernel checks SOCK_FILTER_LOCKED on both reuseport attach paths and
+    never clears it.  It does not cover ``SO_DETACH_REUSEPORT_BPF``: the
+    supervisor re-attaches on every tick (docs/security.md).
+    """
+    sock.setsockopt(socket.SOL_SOCKET, SO_LOCK_FILTER, 1)
+
+
 def requeue(listener: socket.socket, backlog: int = DEFAULT_BACKLOG) -> None:
     """Hand a listener's queue to the rest of its group, and keep listening.
 

@@ -26,9 +26,10 @@ from .. import protocol
 from ..errors import ProtocolError, ReuseportStandbyError
 from ..kernel import diag
 from ..kernel.layout import FLAG_SWAP_ROLES, PARKING_SLOT, Config
-from ..kernel.sockets import Address, create_listener, is_listening_tcp, requeue, socket_cookie
+from ..kernel.sockets import Address, create_listener, is_listening_tcp, lock_filter, requeue, socket_cookie
 from ..names import Role, Scope, State
 from . import handover, health, slots
+from .integrity import ProgramWatch, anchor_allowance
 from .peers import may_be_child
 from .registry import Instance, Progress, Registry
 
@@ -49,6 +50,7 @@ class GroupMaps(Protocol):
     def read_config(self) -> Config: ...
     def write_config(self, config: Config) -> None: ...
     def slot_hits(self, indices: "list[int] | range") -> dict[int, int]: ...
+    def counters(self) -> Any: ...  # .values: {Counter: sum over CPUs}
     def close(self) -> None: ...
 
 
@@ -70,6 +72,7 @@ class AddressState:
     address: Address
     group: GroupMaps
     anchor: socket.socket
+    watch: ProgramWatch
 
 
 class Broker:
@@ -118,7 +121,8 @@ class Broker:
                 + ("Another process holds this port without SO_REUSEPORT, or as another user; stop it first."
                    if exc.errno == 98 else
                    "Binding a port below 1024 needs CAP_NET_BIND_SERVICE." if exc.errno == 13 else "")) from exc
-        # Attach after listen(): attaching first would make the anchor a group of its own.
+        # Attach after listen(): attaching first would make the anchor a group of its own.  The anchor
+        # is the one member never locked (SO_LOCK_FILTER): it never leaves this process.
         group.attach(anchor)
         self._fill_parking(group, anchor)
         orphans = {i: c for i, c in group.slots().items() if i != PARKING_SLOT}
@@ -126,7 +130,7 @@ class Broker:
             log.info("%s: re-adopted %d live slot(s) from before this supervisor started: %s",
                      address, len(orphans), sorted(orphans))
         self.update_live(group)
-        return AddressState(address, group, anchor)
+        return AddressState(address, group, anchor, ProgramWatch(base=anchor_allowance(group.counters().values)))
 
     @staticmethod
     def _fill_parking(group: GroupMaps, anchor: socket.socket) -> None:
@@ -193,6 +197,7 @@ class Broker:
         try:
             for address in self.addresses:
                 created.append(create_listener(address, self.backlog))
+                lock_filter(created[-1])  # its holder can never attach a program of its own to the group
         except OSError as exc:
             for s in created:
                 s.close()
@@ -307,6 +312,8 @@ class Broker:
             if (local[1] != address.port or sock.family != address.family
                     or ipaddress.ip_address(local[0]) != ipaddress.ip_address(address.host)):
                 raise ProtocolError("address_mismatch", f"the socket sent for {address} is bound to {local[0]}:{local[1]}")
+        for sock in socks:
+            lock_filter(sock)  # a listener handed out by an older version was not locked yet
         role = self.role_of_worker(req) or req.role
         parent_checked = req.parent is None or may_be_child(inst.pid, req.parent)
         cookies = [socket_cookie(s) for s in socks]
@@ -421,9 +428,33 @@ class Broker:
             return
         q = self.queues().get(socket_cookie(st.anchor))
         if q and q.queued:
+            bypassed = st.watch.found_on_anchor(q.queued, anchor_allowance(st.group.counters().values))
+            # (Re-)attach right before: without our program, shutdown() resets the queue instead of
+            # migrating it (unless net.ipv4.tcp_migrate_req=1), so nothing may run in between.
+            st.group.attach(st.anchor)
             requeue(st.anchor, self.backlog)
             self._fill_parking(st.group, st.anchor)
             log.info("%s: handed %d parked connection(s) to the active instance", st.address, q.queued)
+            if bypassed:
+                self._report_bypass(st, bypassed)
+
+    # -- the program's integrity -----------------------------------------------------------
+    def guard_program(self, now: float) -> None:
+        """Re-attach our program to every group (idempotent, a few microseconds): whatever detached it,
+        it is back within one tick.  Restorations found since the last log line are logged here."""
+        for st in self.states.values():
+            st.group.attach(st.anchor)
+            n = st.watch.take_log_batch(now)
+            if n:
+                log.warning("%s: our program was found detached from the group %d time(s) (%d connection(s) "
+                            "so far reached the port without it, %d restoration(s) in all): a process holding "
+                            "one of the group's listeners used SO_DETACH_REUSEPORT_BPF. It was re-attached; "
+                            "find the process (docs/security.md, 'Program integrity')", st.address, n,
+                            st.watch.bypassed, st.watch.restorations)
+
+    def _report_bypass(self, st: AddressState, bypassed: int) -> None:
+        log.debug("%s: %d connection(s) found on the anchor that our program did not send there", st.address, bypassed)
+        self.guard_program(time.monotonic())
 
     # -- health -------------------------------------------------------------------------------
     def start_progress(self, inst: Instance) -> None:

@@ -2,6 +2,11 @@
 
 Each changes the program's config only (a flag, a mask, a weight): no
 socket moves, so each takes effect for the next connection.
+
+Only operators may send them: root, the supervisor's own user, and members
+of ``--admin-group`` (``Instance.admin``, decided once at connect from the
+credentials the kernel recorded).  Membership of ``--group`` alone lets a
+peer register instances and read ``status``, nothing more.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ log = logging.getLogger("reuseport_standby.supervisor")
 
 
 def run(broker: "Broker", caller: Instance, req: protocol.Request) -> dict[str, Any]:
+    check_operator(broker, caller, req.op)
     if req.op == "weight":
         return weight(broker, caller, req)
     if req.op == "promote":
@@ -29,6 +35,17 @@ def run(broker: "Broker", caller: Instance, req: protocol.Request) -> dict[str, 
     if req.op == "drain":
         return drain(broker, caller, req)
     return undrain(broker, caller, req)
+
+
+def check_operator(broker: "Broker", caller: Instance, op: str) -> None:
+    """Refuse an operator command from a peer that is no operator, saying who may and how to become one."""
+    if caller.admin:
+        return
+    raise ProtocolError(
+        "forbidden", f"'{op}' is an operator command and uid {caller.uid} is no operator of service {broker.service}: "
+        f"only root, the supervisor's own user and members of its --admin-group may send "
+        f"{', '.join(protocol.ADMIN_OPS)}. Run it as root, or add the operator's user to the --admin-group "
+        f"(start the supervisor with --admin-group GROUP if it has none); membership of --group is not enough.")
 
 
 def weight(broker: "Broker", caller: Instance, req: protocol.Request) -> dict[str, Any]:

@@ -90,18 +90,42 @@ class Supervisor:
         return status(self.broker)
 
     def _open_pinned_group(self, address: Address) -> Group:
+        from ..kernel import pins
+
         o = self.options
-        group = Group.open(self.pin_dir / address.group_name, migrate=o.migrate, mount_bpffs=o.mount_bpffs,
+        pin_dir = self.pin_dir / address.group_name
+        pins.make_pin_dir(pin_dir, mount_bpffs=o.mount_bpffs, trusted=True)  # ours, or refused (docs/security.md)
+        group = Group.open(pin_dir, migrate=o.migrate, mount_bpffs=o.mount_bpffs,
                            loader=o.loader, bpf_source=o.bpf_source)
         if self.gid is not None:
             group.share_read_only(self.gid)
         return group
 
     # -- life cycle ---------------------------------------------------------------
+    #: the fd that holds the service's lock (kernel/pins.py lock_service) from start() to close(); the
+    #: kernel lets go of it when the process ends, however it ends
+    _service_lock: int | None = None
+
     def start(self) -> None:
-        """Load or re-adopt the pinned program and maps, open anchors, listen for instances."""
+        """Lock the service, load or re-adopt the pinned program and maps, open anchors, listen for instances.
+
+        The lock comes first: a second supervisor of a running service must change nothing (the pinned
+        program, the parking slot, the config) before it learns that it is the second."""
+        from ..kernel import pins
+
         t0 = time.monotonic()
         try:
+            # Over the in-memory maps (the fast tests) there is no bpffs: the service's directory is made,
+            # checked and locked below the pin root all the same.
+            pinned = self.broker.open_group == self._open_pinned_group
+            top = None if pinned else Path(os.path.abspath(self.options.pin_root)).parent
+            try:
+                self._service_lock = pins.lock_service(self.pin_dir, mount_bpffs=self.options.mount_bpffs, top=top)
+            except pins.ServiceLocked as exc:
+                holder = "" if exc.holder is None else f"pid {exc.holder}; "
+                raise ReuseportStandbyError(
+                    f"service {self.service} already has a supervisor ({holder}its control socket: {self.control_path}"
+                    f", unless it was started with another --control); stop it first, or use another --service") from None
             self.broker.open()
             self._server = self._bind_control()
         except BaseException:
@@ -153,6 +177,9 @@ class Supervisor:
         self._sel.close()
         self._wake_r.close()
         self._wake_w.close()
+        if self._service_lock is not None:  # last: another supervisor may start once we touch nothing more
+            os.close(self._service_lock)
+            self._service_lock = None
 
     def serve_forever(self, *, install_signals: bool = True, notify: bool = True) -> None:
         if install_signals:
@@ -219,6 +246,10 @@ class Supervisor:
         if now < self._next_health:
             return
         self._next_health = now + TICK
+        try:
+            self.broker.guard_program(now)  # first: nothing else this tick should run without our program
+        except Exception:
+            self._complain("re-attaching the program")
         self.broker.check_health(now, self._complain)
 
     def _complain(self, what: str) -> None:
@@ -280,7 +311,11 @@ class Supervisor:
                 pass
             conn.close()
             return
-        inst = self.broker.registry.new(conn, pid, uid)
+        # From what the kernel recorded at connect: operator rights, decided once; and the peer's pidfd, the
+        # only handle it is ever signalled through (deferred where SO_PEERPIDFD can give it later; the
+        # registry closes it when it forgets the peer).
+        admin = peers.is_admin(conn, pid, uid, gid, self.options.admin_group)
+        inst = self.broker.registry.new(conn, pid, uid, admin=admin, pidfd=peers.pidfd_at_connect(conn, pid))
         self._sel.register(conn, selectors.EVENT_READ, ("conn", inst))
         self._peers[conn.fileno()] = inst
 

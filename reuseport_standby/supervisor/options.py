@@ -27,6 +27,8 @@ class SuperviseOptions:
     control: str | None = None
     backlog: int = DEFAULT_BACKLOG
     group: str | None = None
+    #: members may send operator commands (weight, promote, drain, undrain); root and our own user always may
+    admin_group: str | None = None
     pin_root: str = DEFAULT_PIN_ROOT
     #: None: select-or-migrate where the kernel has it (5.14+); False: plain select (comparisons only)
     migrate: bool | None = None
@@ -60,6 +62,13 @@ class SuperviseOptions:
             raise ValueError("--max-connections-per-uid must be at least 1")
         if self.loader not in LOADERS:
             raise ValueError(f"--loader must be one of {', '.join(LOADERS)}")
+        if self.admin_group is not None:
+            if self.group is None:
+                raise ValueError("--admin-group needs --group: without it only root reaches the control socket, "
+                                 "and root may send operator commands anyway")
+            from .peers import resolve_group
+
+            resolve_group(self.admin_group, "--admin-group")
         if self.bpf_source and self.loader != "bcc":
             raise ValueError("a BPF source file is compiled by the BCC loader: add --loader bcc")
         return self
@@ -79,6 +88,7 @@ class SuperviseOptions:
             return getattr(self, name) != defaults[name]
 
         for name, flag in (("control", "--control"), ("backlog", "--backlog"), ("group", "--group"),
+                           ("admin_group", "--admin-group"),
                            ("pin_root", "--pin-root"), ("stall_timeout", "--stall-timeout"), ("on_hang", "--on-hang"),
                            ("loader", "--loader"), ("bpf_source", "--bpf-source"),
                            ("max_connections_per_uid", "--max-connections-per-uid"), ("metrics", "--metrics")):
@@ -99,7 +109,8 @@ class SuperviseOptions:
         """From the ``supervise`` subcommand's parsed arguments."""
         per_uid = args.max_connections_per_uid
         return cls(service=args.service, binds=tuple(args.bind), control=args.control, backlog=args.backlog,
-                   group=args.group, pin_root=args.pin_root, migrate=False if args.no_migrate else None,
+                   group=args.group, admin_group=args.admin_group, pin_root=args.pin_root,
+                   migrate=False if args.no_migrate else None,
                    mount_bpffs=args.mount_bpffs, stall_timeout=args.stall_timeout, on_hang=args.on_hang,
                    loader=args.loader, bpf_source=args.bpf_source,
                    max_connections_per_uid=MAX_CONNECTIONS_PER_UID if per_uid is None else per_uid,

@@ -1,6 +1,7 @@
 """Who is connected: instances and workers, their states, and what one user may hold.
 
-Pure bookkeeping: nothing here touches the kernel or a socket.  Lookups
+Pure bookkeeping: nothing here touches the kernel or a socket (but for
+closing a forgotten peer's pidfd).  Lookups
 by pid survive a supervisor restart (a worker finds its instance again by
 its parent's pid), which is why the registry, not the connection, is the
 place to ask "which instance is pid P?".
@@ -9,6 +10,7 @@ place to ask "which instance is pid P?".
 from __future__ import annotations
 
 import itertools
+import os
 import socket
 import time
 from collections import Counter, deque
@@ -68,6 +70,13 @@ class Instance:
     parent_checked: bool = True          # False: the kernel says this "worker" is no child of ``parent``
     outbox: deque[tuple[bytes, list[int]]] = field(default_factory=deque)  # reply frames not taken yet (fds: our dups)
     send_by: float = 0.0                 # monotonic deadline for the outbox to empty
+    #: may send operator commands (weight, promote, drain, undrain): root, the supervisor's own user or a member
+    #: of --admin-group, as the kernel recorded the peer at connect
+    admin: bool = False
+    #: a pidfd of the peer process (None: none yet, or none to be had, e.g. no real peer): taken at connect, or
+    #: from SO_PEERPIDFD when first needed (handover.instance_pidfd); the only way the supervisor signals the
+    #: peer or borrows its fds, so a pid recycled after it exited is never hit.  Closed by ``forget``
+    pidfd: int | None = None
 
     def describe(self) -> str:
         what = "worker of pid %d, " % self.parent if self.parent is not None else ""
@@ -89,16 +98,26 @@ class Registry:
         self._ids = itertools.count(1)
         self.connections_by_uid: Counter[int] = Counter()
 
-    def new(self, conn: socket.socket | None, pid: int, uid: int) -> Instance:
-        inst = Instance(id=next(self._ids), conn=conn, pid=pid, uid=uid)
+    def new(self, conn: socket.socket | None, pid: int, uid: int, *, admin: bool | None = None,
+            pidfd: int | None = None) -> Instance:
+        """``admin`` None: what the uid alone says (root and the supervisor's own user are operators).
+        ``pidfd`` is the registry's from here on: closed when the peer is forgotten."""
+        inst = Instance(id=next(self._ids), conn=conn, pid=pid, uid=uid,
+                        admin=uid in self.trusted_uids if admin is None else admin, pidfd=pidfd)
         self._by_id[inst.id] = inst
         self.connections_by_uid[uid] += 1
         return inst
 
     def forget(self, inst: Instance) -> bool:
-        """Drop ``inst``; False if it was already gone."""
+        """Drop ``inst`` and close its pidfd; False if it was already gone."""
         if self._by_id.pop(inst.id, None) is None:
             return False
+        if inst.pidfd is not None:
+            fd, inst.pidfd = inst.pidfd, None
+            try:
+                os.close(fd)
+            except OSError:
+                pass
         self.connections_by_uid[inst.uid] -= 1
         if self.connections_by_uid[inst.uid] <= 0:
             del self.connections_by_uid[inst.uid]

@@ -27,8 +27,9 @@ def status(broker: "Broker") -> dict[str, Any]:
                        "stall_timeout_s": broker.stall_timeout, "on_hang": broker.on_hang,
                        "demotions": broker.demotions_total},
         "roles_swapped": broker.swapped,
-        "addresses": [address_status(st.address, st.group, queues, parking=socket_cookie(st.anchor),
-                                     owners=broker.registry.owners(st.address)) for st in broker.states.values()],
+        "addresses": [{**address_status(st.address, st.group, queues, parking=socket_cookie(st.anchor),
+                                        owners=broker.registry.owners(st.address)),
+                       "program_integrity": st.watch.as_dict()} for st in broker.states.values()],
         "instances": [
             {"id": i.id, "role": i.role.value if i.role else None, "pid": i.pid, "uid": i.uid, "name": i.name,
              "state": i.state.value, "since": round(i.since, 3), "scope": i.scope.value, "parent": i.parent,

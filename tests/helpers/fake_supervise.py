@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from helpers.fake_kernel import FakeKernel  # noqa: E402
 from reuseport_standby import cli  # noqa: E402
+from reuseport_standby.errors import ReuseportStandbyError  # noqa: E402
 from reuseport_standby.supervisor import SuperviseOptions, Supervisor  # noqa: E402
 
 
@@ -19,7 +20,11 @@ def main(argv: list[str]) -> int:
     args = cli.build_parser().parse_args(["supervise", *argv])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sup = Supervisor(SuperviseOptions.from_args(args), open_group=FakeKernel().open_group, queues=dict)
-    sup.start()
+    try:
+        sup.start()
+    except (ReuseportStandbyError, ValueError) as exc:  # as cli.main says it: one line, exit 1
+        print(f"reuseport-standby: {exc}", file=sys.stderr)
+        return 1
     try:
         sup.serve_forever(notify=False)
     finally:
