@@ -7,13 +7,16 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from .names import ENV_SCOPE, ENV_SERVICE, State
+from .names import ENV_GROUP, ENV_SCOPE, ENV_SERVICE, ENV_USER, State
 from . import __version__, protocol, uvicorn_cli
-from .errors import ReuseportStandbyError, SupervisorUnavailable
+from .errors import ReuseportStandbyError, SupervisorUnavailable, UsageError
 from .kernel.pins import DEFAULT_PIN_ROOT
 from .kernel.sockets import DEFAULT_BACKLOG, Address
+
+if TYPE_CHECKING:
+    from .runner import RunConfig
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
 
@@ -95,7 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     common(rn)
     rn.add_argument("--bind", type=_address, action="append", required=True, metavar="HOST:PORT")
     rn.add_argument("--backlog", type=int, default=None)
-    rn.add_argument("--group", default=None, help="group allowed on the control socket")
+    rn.add_argument("--user", default=os.environ.get(ENV_USER), metavar="USER",
+                    help="run the instances and all their workers as USER (no capabilities, no supplementary "
+                         "groups); 'run' itself starts as root for the supervisor (default: $REUSEPORT_STANDBY_USER; "
+                         "without it, as root, with a warning; '--user root' to say so on purpose)")
+    rn.add_argument("--group", default=os.environ.get(ENV_GROUP), metavar="GROUP",
+                    help="with --user: the instances' group (default: USER's primary group); either way the group "
+                         "allowed on the control socket (default: $REUSEPORT_STANDBY_GROUP)")
     rn.add_argument("--admin-group", default=None, metavar="GROUP",
                     help="group whose members may send operator commands (passed to the supervisor)")
     rn.add_argument("--ready-timeout", type=float, default=60.0, help="seconds a new instance has to become ready (default 60)")
@@ -150,6 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SupervisorUnavailable as exc:
         print(f"reuseport-standby: {printable(str(exc))}", file=sys.stderr)
         return EXIT_NOT_RUNNING
+    except UsageError as exc:
+        print(f"reuseport-standby: {printable(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
     except (ReuseportStandbyError, ValueError) as exc:
         # A refusal from the supervisor (forbidden, malformed...) is a ProtocolError: one line, no traceback.
         print(f"reuseport-standby: {printable(str(exc))}", file=sys.stderr)
@@ -245,20 +257,52 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .runner import RunConfig, main_args, run
-    from .supervisor.options import SuperviseOptions
+    from .runner import run
 
-    supervisor = SuperviseOptions(
-        service=args.service, binds=tuple(args.bind), control=args.control, group=args.group,
-        admin_group=args.admin_group, pin_root=args.pin_root, migrate=False if args.no_migrate else None, mount_bpffs=True,
-        **{name: value for name, value in (("backlog", args.backlog), ("stall_timeout", args.stall_timeout),
-                                           ("on_hang", args.on_hang), ("metrics", args.metrics),
-                                           ("loader", args.loader),
-                                           ("bpf_source", os.path.abspath(args.bpf_source) if args.bpf_source else None))
-           if value is not None}).check()
-    cfg = RunConfig(supervisor=supervisor, command=main_args(args.cmd), ready_timeout=args.ready_timeout,
-                    stop_timeout=args.stop_timeout, extra_env={ENV_SCOPE: args.scope} if args.scope else {})
-    return run(cfg)
+    return run(run_config(args))
+
+
+ROOT_WARNING = ("the instances will run as root, with every capability of this process: the app could detach "
+                "or replace the steering program, read the pins and kill the supervisor. Give --user (systemd: "
+                "the unit's --user), or '--user root' to keep this on purpose (docs/deployment.md)")
+
+
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """Check the whole ``run`` command line before anything starts: a refusal is one line, exit status 2."""
+    from .runner import InstanceUser, RunConfig, group_name, main_args, resolve_user
+    from .supervisor.options import SuperviseOptions
+    from .wrap import check_command
+
+    try:
+        command = main_args(args.cmd)
+        check_command(command)
+        user: InstanceUser | None = None
+        group = args.group
+        if args.user is not None:
+            user = resolve_user(args.user, args.group)
+            if user is not None and group is None:
+                group = group_name(user.gid)  # the instances reach the control socket through their group
+        elif os.geteuid() == 0:
+            logging.getLogger("reuseport_standby.run").warning("running without --user: %s", ROOT_WARNING)
+        supervisor = SuperviseOptions(
+            service=args.service, binds=tuple(args.bind), control=args.control, group=group,
+            admin_group=args.admin_group, pin_root=args.pin_root, migrate=False if args.no_migrate else None,
+            mount_bpffs=True,
+            **{name: value for name, value in (("backlog", args.backlog), ("stall_timeout", args.stall_timeout),
+                                               ("on_hang", args.on_hang), ("metrics", args.metrics),
+                                               ("loader", args.loader),
+                                               ("bpf_source", os.path.abspath(args.bpf_source) if args.bpf_source else None))
+               if value is not None}).check()
+        if group is not None:
+            from .supervisor.peers import resolve_group
+
+            resolve_group(group)
+        if args.ready_timeout <= 0 or args.stop_timeout < 0:
+            raise ValueError("--ready-timeout must be > 0 and --stop-timeout >= 0")
+    except (ValueError, ReuseportStandbyError) as exc:
+        raise UsageError(f"run: {exc}") from None
+    return RunConfig(supervisor=supervisor, command=command, ready_timeout=args.ready_timeout,
+                     stop_timeout=args.stop_timeout, extra_env={ENV_SCOPE: args.scope} if args.scope else {}, user=user)
 
 
 def cmd_admin(args: argparse.Namespace) -> int:

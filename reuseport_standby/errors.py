@@ -7,6 +7,10 @@ class ReuseportStandbyError(Exception):
     """Base class; the message is meant for a human at a terminal."""
 
 
+class UsageError(ReuseportStandbyError):
+    """The command line cannot work: refused before anything starts (exit status 2)."""
+
+
 class BpfUnavailable(ReuseportStandbyError):
     """The kernel or the environment cannot run the program at all."""
 

@@ -12,7 +12,7 @@ import enum
 from .kernel.layout import Role
 
 __all__ = ["Role", "State", "Scope", "ENV_ROLE", "ENV_SERVICE", "ENV_CONTROL", "ENV_SCOPE",
-           "ENV_CONNECT_TIMEOUT", "ENV_GENERATION", "ENV_SECCOMP"]
+           "ENV_CONNECT_TIMEOUT", "ENV_GENERATION", "ENV_SECCOMP", "ENV_USER", "ENV_GROUP"]
 
 #: the role an instance serves (primary / standby)
 ENV_ROLE = "REUSEPORT_STANDBY_ROLE"
@@ -28,6 +28,10 @@ ENV_CONNECT_TIMEOUT = "REUSEPORT_STANDBY_CONNECT_TIMEOUT"
 ENV_GENERATION = "REUSEPORT_STANDBY_GENERATION"
 #: "off": the integrations install no seccomp filter against steering the port (kernel/seccomp.py)
 ENV_SECCOMP = "REUSEPORT_STANDBY_SECCOMP"
+#: ``run --user``: the user the instances run as (``run`` itself starts as root, for the supervisor)
+ENV_USER = "REUSEPORT_STANDBY_USER"
+#: ``run --group``: the instances' group, and the group allowed on the control socket
+ENV_GROUP = "REUSEPORT_STANDBY_GROUP"
 
 
 class State(str, enum.Enum):

@@ -2,13 +2,26 @@
 
 The runner starts the supervisor as a child (the only process that needs
 privileges), then a primary and a standby copy of the user's server command
-with the integration injected (:mod:`reuseport_standby.wrap`).  It restarts an
-instance that dies, with backoff, and reports a crash loop instead of
-hiding it.  A rolling reload (SIGHUP, or ``reuseport-standby reload``)
-replaces the standby and then the primary, each by starting the new instance
-first and stopping the old one only once the new one is active, so one
-instance of each role serves throughout, and a new version that never
-becomes ready is rolled back with the old one still serving.
+with the integration injected (:mod:`reuseport_standby.wrap`), as ``--user``
+when given (no capabilities, no supplementary groups but the control
+socket's).
+
+One thread owns every child's life: the main loop.  Each turn it reaps
+what exited (through pidfds), restarts a crashed instance with backoff,
+advances a rolling reload by one step, checks the supervisor (alive *and*
+answering ``ping``; restarted with backoff when not, while the instances
+keep serving) and stops what overstayed.  A reload is a state machine in
+that loop, not a thread of its own, so a crash restart can never race it:
+the role a reload is replacing is the reload's, and the reaper only records
+the death of its old instance.  The runner is a child subreaper: a worker
+whose master died is reparented to it, stopped and reaped; when ``run``
+exits, no process it started remains.
+
+A rolling reload (SIGHUP, or ``reuseport-standby reload``) replaces the
+standby and then the primary, each by starting the new instance first and
+stopping the old one only once the new one is active, so one instance of
+each role serves throughout, and a new version that never becomes ready is
+rolled back with the old one still serving.
 """
 
 from __future__ import annotations
@@ -16,22 +29,26 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
-import shutil
 import tempfile
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
-from .names import ENV_CONTROL, ENV_GENERATION, ENV_ROLE, ENV_SERVICE
 from . import client, protocol
+from .children import Orphans, become_subreaper, has_exited, my_children, send
 from .errors import ProtocolError, ReuseportStandbyError, SupervisorUnavailable
 from .kernel.layout import Role
+from .names import ENV_CONTROL, ENV_GENERATION, ENV_ROLE, ENV_SERVICE
 from .status import instance_state
+from .supervisor.loop import sd_notify
 from .supervisor.options import SuperviseOptions
 from .wrap import instance_command
 
@@ -39,6 +56,83 @@ log = logging.getLogger(__name__)
 
 #: seconds a peer of the reload socket has to send its request, and to take each message of the reply
 RELOAD_IO_TIMEOUT = 10.0
+#: the supervisor is asked ``ping`` this often, with this timeout; after PING_FAILURES misses in a row
+#: it is killed and restarted (alive but unreachable: its control socket deleted, or hung)
+PING_INTERVAL = 2.0
+PING_TIMEOUT = 2.0
+PING_FAILURES = 3
+#: seconds a (re)started supervisor has to answer ``ping``
+SUPERVISOR_START_TIMEOUT = 30.0
+#: backoff between failed supervisor restarts: first, doubling, at most
+SUPERVISOR_BACKOFF = (0.5, 30.0)
+#: seconds the supervisor has to exit after SIGTERM
+SUPERVISOR_STOP_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class InstanceUser:
+    """Who the instances run as: ``setgroups(extra_groups)``, ``setgid(gid)``, ``setuid(uid)``."""
+
+    name: str
+    uid: int
+    gid: int
+    extra_groups: tuple[int, ...] = ()
+    home: str = "/"
+
+
+def resolve_user(user: str, group: str | None) -> InstanceUser | None:
+    """``--user``/``--group`` as ids; None for an explicit ``--user root`` (instances keep root's powers).
+
+    The instances get the group as their only group: it is also the group the supervisor lets on its
+    control socket, so they need no supplementary group at all."""
+    import grp
+    import pwd
+
+    try:
+        pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except (KeyError, ValueError):
+        raise ValueError(f"unknown user {user!r} for --user") from None
+    if pw.pw_uid == 0:
+        return None
+    if os.geteuid() != 0 and pw.pw_uid != os.geteuid():
+        raise ValueError(f"--user {user} needs 'run' to start as root (it starts the supervisor too)")
+    missing = missing_user_caps() if pw.pw_uid != os.geteuid() else []
+    if missing:
+        raise ValueError(f"--user {user} needs {', '.join(missing)} (add them to the unit's CapabilityBoundingSet= "
+                         f"and AmbientCapabilities=; the instances keep none of them)")
+    if group is None:
+        gid = pw.pw_gid
+    else:
+        try:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ValueError(f"unknown group {group!r} for --group") from None
+    return InstanceUser(name=pw.pw_name, uid=pw.pw_uid, gid=gid, home=pw.pw_dir or "/")
+
+
+#: what ``run --user`` needs besides what the supervisor needs: become the user, hand it the composed
+#: config, and signal its processes (capability numbers, linux/capability.h)
+USER_CAPS = {"CAP_CHOWN": 0, "CAP_KILL": 5, "CAP_SETGID": 6, "CAP_SETUID": 7}
+
+
+def missing_user_caps() -> list[str]:
+    """The capabilities ``--user`` needs that this process lacks (a unit's CapabilityBoundingSet= may)."""
+    try:
+        with open("/proc/self/status") as f:
+            eff = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+    except (OSError, StopIteration, ValueError):
+        return []
+    return [name for name, bit in USER_CAPS.items() if not eff >> bit & 1]
+
+
+def group_name(gid: int) -> str:
+    """A group's name for the supervisor's --group (its number when it has none)."""
+    import grp
+
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 @dataclass
@@ -50,6 +144,7 @@ class RunConfig:
     ready_timeout: float = 60.0
     stop_timeout: float = 30.0
     extra_env: dict[str, str] = field(default_factory=dict)
+    user: InstanceUser | None = None
 
     @property
     def service(self) -> str:
@@ -62,23 +157,167 @@ def run_socket_path(control_path: str) -> str:
     return base + ".run.sock"
 
 
+def child_env() -> dict[str, str]:
+    """Our environment without NOTIFY_SOCKET: under Type=notify, ``run`` tells systemd it is ready (both
+    instances serve), not the supervisor nor gunicorn, which would each say so on their own."""
+    return {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+
+
 class InstanceFailed(ReuseportStandbyError):
     """A new instance exited or did not become ready in time."""
 
 
 @dataclass
 class Managed:
-    """One running instance process."""
+    """One instance's master process, held through a pidfd until it is reaped."""
 
     role: Role
     proc: subprocess.Popen
+    pidfd: int
     started: float
     generation: int
-    stopping: bool = False
+    #: SIGTERM sent: SIGKILL to its process group at this time
+    stop_deadline: float | None = None
+    killed: bool = False
 
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    @property
+    def reaped(self) -> bool:
+        return self.proc.returncode is not None
+
+
+@dataclass
+class ReloadJob:
+    """A rolling reload, advanced one step per turn of the main loop."""
+
+    waiters: list[Future]
+    roles: list[Role] = field(default_factory=lambda: [Role.STANDBY, Role.PRIMARY])
+    new: Managed | None = None
+    old: Managed | None = None
+    phase: str = "start"  # start → ready (new one becoming active) → drain (old one stopping)
+    deadline: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+    done: list[dict[str, Any]] = field(default_factory=list)
+
+
+class SupervisorChild:
+    """The supervisor process: started, pinged, and restarted with backoff when dead or unreachable."""
+
+    def __init__(self, options: SuperviseOptions, control: str) -> None:
+        # The control path is fixed here: the instances are told it, whatever the environment says.
+        self.cmd = replace(options, control=control).command()
+        self.service = options.service
+        self.control = control
+        self.proc: subprocess.Popen | None = None
+        self.pidfd: int | None = None
+        self.state = "down"  # down → starting → up
+        self.deadline = 0.0
+        self.next_attempt = 0.0
+        self.next_ping = 0.0
+        self.missed = 0
+        self.failures = 0  # failed starts in a row
+        self.restarts = 0
+        self.last_error: str | None = None
+        self.down_since: float | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None and self.proc.returncode is None else None
+
+    def spawn(self) -> None:
+        self.proc = subprocess.Popen(self.cmd, env=child_env())
+        self.pidfd = os.pidfd_open(self.proc.pid)
+        self.state, self.deadline = "starting", time.monotonic() + SUPERVISOR_START_TIMEOUT
+        log.info("started the supervisor (pid %d)", self.proc.pid)
+
+    def ping(self, timeout: float) -> str | None:
+        """None when it answers, else why not."""
+        try:
+            client.query(self.service, "ping", self.control, timeout=timeout)
+            return None
+        except (SupervisorUnavailable, ProtocolError, OSError) as exc:
+            return str(exc) or type(exc).__name__
+
+    def reap(self) -> int | None:
+        """Wait for the exited process and forget it; its exit status."""
+        if self.proc is None:
+            return None
+        status = self.proc.wait()
+        assert self.pidfd is not None
+        os.close(self.pidfd)
+        self.proc, self.pidfd = None, None
+        return status
+
+    def kill(self, sig: int = signal.SIGKILL, timeout: float = 10.0) -> int | None:
+        """Signal it through its pidfd and reap it."""
+        if self.proc is None or self.pidfd is None:
+            return None
+        send(self.pidfd, sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            send(self.pidfd, signal.SIGKILL)
+        return self.reap()
+
+    def failed(self, error: str) -> None:
+        """A start failed, or it died or stopped answering: try again after the backoff."""
+        now = time.monotonic()
+        self.last_error = error
+        self.down_since = self.down_since or now
+        self.failures += 1
+        # The first restart at once (it usually works), then 0.5 s, 1 s, 2 s... at most 30 s.
+        first, cap = SUPERVISOR_BACKOFF
+        delay = 0.0 if self.failures == 1 else min(cap, first * 2 ** (self.failures - 2))
+        self.next_attempt = now + delay
+        self.state = "down"
+        log.error("supervisor %s; restarting it in %.1f s (attempt %d; the instances keep serving)",
+                  error, delay, self.failures)
+
+    def tend(self) -> None:
+        """One step: notice a death, a failed or finished start, missed pings; start when due."""
+        now = time.monotonic()
+        if self.proc is not None and self.pidfd is not None and has_exited(self.pidfd):
+            status = self.reap()
+            what = "exited" if self.state == "up" else "exited while starting"
+            self.failed(f"{what} with status {status}")
+            return
+        if self.state == "down":
+            if now >= self.next_attempt:
+                self.restarts += 1
+                self.spawn()
+            return
+        if self.state == "starting":
+            if self.ping(timeout=1.0) is None:
+                if self.failures:
+                    log.warning("supervisor is back (pid %s) after %d failed attempt(s)", self.pid, self.failures)
+                self.state, self.missed, self.failures = "up", 0, 0
+                self.last_error, self.down_since = None, None
+                self.next_ping = now + PING_INTERVAL
+            elif now > self.deadline:
+                self.kill()
+                self.failed(f"did not answer within {SUPERVISOR_START_TIMEOUT:.0f} s of starting")
+            return
+        if now >= self.next_ping:
+            self.next_ping = now + PING_INTERVAL
+            problem = self.ping(timeout=PING_TIMEOUT)
+            if problem is None:
+                self.missed = 0
+                return
+            self.missed += 1
+            log.warning("supervisor did not answer ping (%d of %d): %s", self.missed, PING_FAILURES, problem)
+            if self.missed >= PING_FAILURES:
+                status = self.kill()
+                self.failed(f"alive but not answering on {self.control} ({problem}); killed it (status {status})")
+
+    def snapshot(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {"state": self.state, "pid": self.pid, "restarts": self.restarts, "failed_attempts": self.failures,
+                "last_error": self.last_error,
+                "down_for_s": None if self.down_since is None else round(now - self.down_since, 1),
+                "next_attempt_in_s": round(max(0.0, self.next_attempt - now), 1) if self.state == "down" else None}
 
 
 class Runner:
@@ -87,179 +326,243 @@ class Runner:
         self.control = cfg.supervisor.control_path
         self.run_path = run_socket_path(self.control)
         self.current: dict[Role, Managed | None] = {Role.PRIMARY: None, Role.STANDBY: None}
+        self.live: list[Managed] = []  # every instance master not reaped yet (current, new, retiring)
         self.crashes: dict[Role, list[float]] = {Role.PRIMARY: [], Role.STANDBY: []}
         self.next_start: dict[Role, float] = {Role.PRIMARY: 0.0, Role.STANDBY: 0.0}
+        self.orphans = Orphans(ENV_GENERATION)
+        self.reload_job: ReloadJob | None = None
+        self.last_reload: dict[str, Any] | None = None
         self._generation = 0
-        self._lock = threading.RLock()
         self._stopping = threading.Event()
-        self._reloading = threading.Lock()
+        self._requests: queue.SimpleQueue[Future] = queue.SimpleQueue()
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
-        self._supervisor: subprocess.Popen | None = None
+        self.supervisor = SupervisorChild(cfg.supervisor, self.control)
         self._server: socket.socket | None = None
         self._reload_requested = False
-        self._orphans: list[tuple[int, float]] = []
+        self._snapshot: dict[str, Any] = {}
+        self._told_ready = False
         self.workdir = tempfile.mkdtemp(prefix="reuseport-standby-run-")
+        try:
+            self.instance_cmd = instance_command(cfg.command, self.workdir)
+            if cfg.user is not None:  # the composed gunicorn config must be readable by the instances
+                for path in (self.workdir, *(os.path.join(self.workdir, n) for n in os.listdir(self.workdir))):
+                    os.chown(path, cfg.user.uid, cfg.user.gid)
+        except BaseException:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            raise
 
     # -- supervisor ------------------------------------------------------------------------
     def start_supervisor(self) -> None:
-        # The control path is fixed here: the instances are told it, whatever the environment says.
-        cmd = replace(self.cfg.supervisor, control=self.control).command()
-        self._supervisor = subprocess.Popen(cmd)
-        deadline = time.monotonic() + 30
+        """The first start: a supervisor that cannot start at all stops ``run`` (nothing serves yet)."""
+        sup = self.supervisor
+        sup.spawn()
+        deadline = time.monotonic() + SUPERVISOR_START_TIMEOUT
         while True:
-            if self._supervisor.poll() is not None:
-                raise ReuseportStandbyError(f"the supervisor exited with status {self._supervisor.returncode} (see its log above)")
-            try:
-                client.query(self.cfg.service, "ping", self.control, timeout=1)
+            assert sup.pidfd is not None
+            if has_exited(sup.pidfd):
+                raise ReuseportStandbyError(f"the supervisor exited with status {sup.reap()} (see its log above)")
+            if sup.ping(timeout=1.0) is None:
+                sup.state, sup.next_ping = "up", time.monotonic() + PING_INTERVAL
                 return
-            except SupervisorUnavailable:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    def _check_supervisor(self) -> None:
-        """A dead supervisor is restarted at once; traffic flows meanwhile (pins, live sockets)."""
-        if self._supervisor is not None and self._supervisor.poll() is not None and not self._stopping.is_set():
-            log.error("supervisor exited with status %s; restarting it (instances keep serving)", self._supervisor.returncode)
-            self.start_supervisor()
+            if time.monotonic() > deadline:
+                sup.kill()
+                raise SupervisorUnavailable(f"the supervisor did not answer within {SUPERVISOR_START_TIMEOUT:.0f} s")
+            time.sleep(0.05)
 
     # -- instances ---------------------------------------------------------------------------
     def spawn(self, role: Role) -> Managed:
         self._generation += 1
-        env = {**os.environ, **self.cfg.extra_env, ENV_ROLE: role.value,
+        env = {**child_env(), **self.cfg.extra_env, ENV_ROLE: role.value,
                ENV_SERVICE: self.cfg.service, ENV_CONTROL: self.control,
                ENV_GENERATION: str(self._generation)}
-        cmd = instance_command(self.cfg.command, self.workdir)
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-        log.info("started %s (generation %d, pid %d): %s", role.value, self._generation, proc.pid, " ".join(cmd))
-        return Managed(role, proc, time.monotonic(), self._generation)
+        user = self.cfg.user
+        kwargs: dict[str, Any] = {}
+        if user is not None:
+            env.update(USER=user.name, LOGNAME=user.name, HOME=user.home)
+            kwargs = {"user": user.uid, "group": user.gid, "extra_groups": list(user.extra_groups)}
+        try:
+            proc = subprocess.Popen(self.instance_cmd, env=env, start_new_session=True, **kwargs)
+        except OSError as exc:  # not found, not executable by the user...: the exec failed in the child
+            raise InstanceFailed(f"cannot start the {role.value}: {exc}") from None
+        m = Managed(role, proc, os.pidfd_open(proc.pid), time.monotonic(), self._generation)
+        self.live.append(m)
+        self._sel.register(m.pidfd, selectors.EVENT_READ, "exit")
+        log.info("started %s (generation %d, pid %d%s): %s", role.value, self._generation, proc.pid,
+                 f", user {user.name}" if user else "", " ".join(self.instance_cmd))
+        return m
 
     def instance_state(self, pid: int) -> str | None:
         try:
-            st = client.query(self.cfg.service, "status", self.control)["status"]
+            st = client.query(self.cfg.service, "status", self.control, timeout=2)["status"]
         except (SupervisorUnavailable, ProtocolError, OSError):
             return None
         return instance_state(st, pid)
 
-    def wait_ready(self, m: Managed, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if m.proc.poll() is not None:
-                raise InstanceFailed(f"new {m.role.value} (pid {m.pid}) exited with status {m.proc.returncode} before it was ready")
-            if self.instance_state(m.pid) == "active":
-                return
-            time.sleep(0.05)
-        raise InstanceFailed(f"new {m.role.value} (pid {m.pid}) was not ready within {timeout:.0f} s")
+    def retire(self, m: Managed, timeout: float | None = None) -> None:
+        """SIGTERM the master (the integration leaves its slots first, then drains); SIGKILL its group later."""
+        if m.stop_deadline is not None or m.reaped:
+            return
+        m.stop_deadline = time.monotonic() + (self.cfg.stop_timeout if timeout is None else timeout)
+        send(m.pidfd, signal.SIGTERM)
 
-    def terminate(self, m: Managed, timeout: float | None = None) -> None:
-        """SIGTERM (the integration leaves its slots first, then drains), SIGKILL the group if it lingers."""
-        m.stopping = True
-        timeout = self.cfg.stop_timeout if timeout is None else timeout
-        if m.proc.poll() is None:
-            m.proc.send_signal(signal.SIGTERM)
-            try:
-                m.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("%s pid %d did not stop within %.0f s; killing its process group", m.role.value, m.pid, timeout)
+    def _kill_group(self, m: Managed, sig: int) -> None:
+        """Signal the instance's process group.  Only while its leader is unreaped: until then its
+        pid, which is the group's id, cannot name anyone else's group."""
+        if m.reaped:
+            return
         try:
-            os.killpg(m.pid, signal.SIGKILL)  # the master is gone; no worker may linger
+            os.killpg(m.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
-        m.proc.wait()
 
-    def start_role(self, role: Role) -> Managed:
-        m = self.spawn(role)
-        with self._lock:
-            self.current[role] = m
-        return m
-
-    def _retire_orphans(self, m: Managed) -> None:
-        """A dead master may leave workers behind: let them finish what they hold, then make sure.
-
-        They get no new connections (the master's control connection is gone,
-        so its slots were cleared); SIGTERM lets each finish its request,
-        and SIGKILL follows after the stop timeout.
-        """
-        try:
-            os.killpg(m.pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            return
-        self._orphans.append((m.pid, time.monotonic() + self.cfg.stop_timeout))
-
-    def _kill_overdue_orphans(self, force: bool = False) -> None:
+    def _collect_exits(self) -> None:
+        """Reap the masters that exited; record crashes; stop what a dead master left behind."""
         now = time.monotonic()
-        keep = []
-        for pgid, deadline in self._orphans:
-            alive = True
-            try:
-                os.killpg(pgid, 0)
-            except (ProcessLookupError, PermissionError):
-                alive = False
-            if alive and (force or now >= deadline):
-                try:
-                    os.killpg(pgid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-            elif alive:
-                keep.append((pgid, deadline))
-        self._orphans = keep
+        for m in list(self.live):
+            if not has_exited(m.pidfd):
+                if m.stop_deadline is not None and now >= m.stop_deadline and not m.killed:
+                    log.warning("%s pid %d did not stop in time; killing its process group", m.role.value, m.pid)
+                    self._kill_group(m, signal.SIGKILL)
+                    m.killed = True
+                continue
+            # Still a zombie: its workers still carry its group id. They get no new connections (the
+            # master's control connection is gone), SIGTERM lets each finish its request.
+            self._kill_group(m, signal.SIGTERM)
+            self._sel.unregister(m.pidfd)
+            os.close(m.pidfd)
+            m.proc.wait()
+            self.live.remove(m)
+            if self.current[m.role] is m:
+                if m.stop_deadline is None:
+                    self._crashed(m, now)
+                else:
+                    self.current[m.role] = None
+        self.orphans.adopt(self._known_pids())
+        self.orphans.tend({str(m.generation) for m in self.live}, self.cfg.stop_timeout)
 
-    def _reap(self) -> None:
-        """Restart instances that died on their own, with backoff; report crash loops."""
+    def _crashed(self, m: Managed, now: float) -> None:
+        lived = now - m.started
+        log.error("%s (pid %d) exited with status %s after %.1f s", m.role.value, m.pid, m.proc.returncode, lived)
+        self.current[m.role] = None
+        self.crashes[m.role] = [t for t in self.crashes[m.role] if now - t < 60] + [now]
+        n = len(self.crashes[m.role])
+        backoff = min(30.0, 0.5 * 2 ** (n - 1)) if lived < 10 else 0.5
+        if n >= 5:
+            log.error("%s is crash-looping: %d exits in 60 s; next start in %.0f s", m.role.value, n, backoff)
+        self.next_start[m.role] = now + backoff
+        job = self.reload_job
+        if job is not None and job.roles and job.roles[0] is m.role:
+            log.warning("the old %s died during the reload; the reload replaces it", m.role.value)
+
+    def _known_pids(self) -> set[int]:
+        pids = {m.pid for m in self.live}
+        if self.supervisor.pid is not None:
+            pids.add(self.supervisor.pid)
+        return pids
+
+    def _restart_missing(self) -> None:
+        """Start a role that has no instance, when its backoff allows; never one a reload is replacing."""
         now = time.monotonic()
+        job = self.reload_job
         for role in Role:
-            with self._lock:
-                m = self.current[role]
-                if m is not None and not m.stopping and m.proc.poll() is not None:
-                    lived = now - m.started
-                    log.error("%s (pid %d) exited with status %s after %.1f s", role.value, m.pid, m.proc.returncode, lived)
-                    self._retire_orphans(m)
-                    self.crashes[role] = [t for t in self.crashes[role] if now - t < 60] + [now]
-                    n = len(self.crashes[role])
-                    backoff = min(30.0, 0.5 * 2 ** (n - 1)) if lived < 10 else 0.5
-                    if n >= 5:
-                        log.error("%s is crash-looping: %d exits in 60 s; next start in %.0f s", role.value, n, backoff)
-                    self.next_start[role] = now + backoff
-                    self.current[role] = None
-                if self.current[role] is None and now >= self.next_start[role] and not self._stopping.is_set():
+            owned = job is not None and bool(job.roles) and job.roles[0] is role
+            if self.current[role] is None and not owned and now >= self.next_start[role]:
+                try:
                     self.current[role] = self.spawn(role)
+                except InstanceFailed as exc:
+                    self.next_start[role] = now + 5.0
+                    log.error("%s; next attempt in 5 s", exc)
 
     # -- rolling reload --------------------------------------------------------------------------
-    def reload(self) -> dict[str, Any]:
-        """Replace the standby, then the primary; roll back a new instance that fails."""
-        if not self._reloading.acquire(blocking=False):
-            raise ReuseportStandbyError("a reload is already in progress")
-        try:
-            t0 = time.monotonic()
-            done = []
-            for role in (Role.STANDBY, Role.PRIMARY):
-                with self._lock:
-                    old = self.current[role]
-                new = self.spawn(role)
-                try:
-                    self.wait_ready(new, self.cfg.ready_timeout)
-                except InstanceFailed as exc:
-                    self.terminate(new, timeout=5)
-                    log.error("reload rolled back: %s; the old %s keeps serving", exc, role.value)
-                    raise
-                with self._lock:
-                    self.current[role] = new
-                if old is not None:
-                    self.terminate(old)
-                done.append({"role": role.value, "pid": new.pid, "generation": new.generation})
-                log.info("reload: new %s pid %d is serving", role.value, new.pid)
-            return {"ok": True, "replaced": done, "seconds": round(time.monotonic() - t0, 2)}
-        finally:
-            self._reloading.release()
+    def begin_reload(self, fut: Future | None = None) -> None:
+        waiters = [fut] if fut is not None else []
+        if self.reload_job is not None:
+            for f in waiters:
+                f.set_exception(ReuseportStandbyError("a reload is already in progress"))
+            log.warning("a reload is already in progress")
+            return
+        log.info("rolling reload: standby, then primary")
+        self.reload_job = ReloadJob(waiters)
 
-    # -- control socket for `reuseport-standby reload` ------------------------------------------
+    def _finish_reload(self, result: dict[str, Any] | None, error: Exception | None) -> None:
+        job = self.reload_job
+        assert job is not None
+        self.reload_job = None
+        self.last_reload = {"ok": error is None, "error": None if error is None else str(error)}
+        if error is not None:
+            log.error("reload failed: %s", error)
+        else:
+            log.info("reload done in %s s", result["seconds"])  # type: ignore[index]
+        for f in job.waiters:
+            if error is not None:
+                f.set_exception(error)
+            else:
+                f.set_result(result)
+
+    def _step_reload(self) -> None:
+        job = self.reload_job
+        if job is None:
+            return
+        role = job.roles[0]
+        now = time.monotonic()
+        if job.phase == "start":
+            try:
+                job.old, job.new = self.current[role], self.spawn(role)
+            except InstanceFailed as exc:
+                self._finish_reload(None, exc)
+                return
+            job.phase, job.deadline = "ready", now + self.cfg.ready_timeout
+            return
+        new = job.new
+        assert new is not None
+        if job.phase == "ready":
+            if new.reaped:
+                self._finish_reload(None, InstanceFailed(
+                    f"new {role.value} (pid {new.pid}) exited with status {new.proc.returncode} before it was ready"
+                    f"; rolled back, the old {role.value} keeps serving"))
+                return
+            if self.instance_state(new.pid) == "active":
+                self.current[role] = new
+                if job.old is not None:
+                    self.retire(job.old)
+                job.phase = "drain"
+                log.info("reload: new %s pid %d is serving", role.value, new.pid)
+            elif now > job.deadline:
+                self.retire(new, timeout=5)
+                self._finish_reload(None, InstanceFailed(
+                    f"new {role.value} (pid {new.pid}) was not ready within {self.cfg.ready_timeout:.0f} s"
+                    f"; rolled back, the old {role.value} keeps serving"))
+            return
+        if job.old is None or job.old.reaped:  # drain: the old one is gone
+            job.done.append({"role": role.value, "pid": new.pid, "generation": new.generation})
+            job.roles.pop(0)
+            job.new = job.old = None
+            job.phase = "start"
+            if not job.roles:
+                self._finish_reload({"ok": True, "replaced": job.done,
+                                     "seconds": round(time.monotonic() - job.started, 2)}, None)
+
+    def reload(self, timeout: float | None = None) -> dict[str, Any]:
+        """From another thread: ask the main loop for a rolling reload and wait for its outcome."""
+        fut: Future = Future()
+        self._requests.put(fut)
+        self._wake()
+        return fut.result(timeout)
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass
+
+    # -- control socket for `reuseport-standby reload` and `status` -----------------------------
     def _bind_run_socket(self) -> None:
         self._server = protocol.listen_unix(self.run_path, "'reuseport-standby run'", backlog=8)
         self._sel.register(self._server, selectors.EVENT_READ, "run")
 
-    def _serve_reload(self, conn: socket.socket) -> None:
-        """Answer one ``reload`` request, in a thread of its own (a reload takes a while).
+    def _serve_request(self, conn: socket.socket) -> None:
+        """Answer one request, in a thread of its own (a reload takes a while; the thread only waits).
 
         Every request gets a reply, also one that is not a JSON object or that
         fails in an unforeseen way; a reply longer than one message (a long
@@ -270,13 +573,13 @@ class Runner:
         def work() -> None:
             with conn:
                 conn.settimeout(RELOAD_IO_TIMEOUT)
-                reply = self._reload_reply(conn)
+                reply = self._reply(conn)
                 if reply is None:
                     return
                 try:
                     protocol.send_reply(conn, reply)
                 except (ProtocolError, TypeError, ValueError) as exc:  # cannot be encoded, even in chunks
-                    log.error("the reply to a reload request could not be encoded: %s", exc)
+                    log.error("the reply to a run request could not be encoded: %s", exc)
                     try:
                         protocol.send_reply(conn, protocol.error_reply("internal", f"the reply could not be encoded: {exc}"))
                     except OSError:
@@ -284,10 +587,10 @@ class Runner:
                 except OSError:
                     pass  # the peer went away or did not read: the reload itself is done either way
 
-        threading.Thread(target=work, name="reload", daemon=True).start()
+        threading.Thread(target=work, name="run-request", daemon=True).start()
 
-    def _reload_reply(self, conn: socket.socket) -> dict[str, Any] | None:
-        """Read the request and do the reload; the reply to send (None: the peer left without asking)."""
+    def _reply(self, conn: socket.socket) -> dict[str, Any] | None:
+        """Read the request and answer it; the reply to send (None: the peer left without asking)."""
         try:
             raw, fds, truncated = protocol.recv(conn)
         except OSError:  # nothing within RELOAD_IO_TIMEOUT, or the peer reset
@@ -302,8 +605,10 @@ class Runner:
             msg = json.loads(raw)
         except (UnicodeDecodeError, ValueError) as exc:
             return protocol.error_reply("malformed", f"not a UTF-8 JSON message: {exc}")
+        if isinstance(msg, dict) and msg.get("op") == "status":
+            return {"ok": True, "run": self._snapshot}
         if not isinstance(msg, dict) or msg.get("op") != "reload":
-            return protocol.error_reply("unknown_op", "this socket takes only {\"op\": \"reload\"}")
+            return protocol.error_reply("unknown_op", "this socket takes only {\"op\": \"reload\"} and {\"op\": \"status\"}")
         try:
             return self.reload()
         except InstanceFailed as exc:
@@ -314,8 +619,20 @@ class Runner:
             log.exception("reload failed")
             return protocol.error_reply("internal", f"{type(exc).__name__}: {exc}")
 
+    def _update_snapshot(self) -> None:
+        """What ``{"op": "status"}`` answers (read by request threads: replaced whole, never mutated)."""
+        self._snapshot = {
+            "pid": os.getpid(), "service": self.cfg.service,
+            "user": None if self.cfg.user is None else self.cfg.user.name,
+            "supervisor": self.supervisor.snapshot(),
+            "instances": {r.value: (None if m is None else {"pid": m.pid, "generation": m.generation})
+                          for r, m in self.current.items()},
+            "reloading": self.reload_job is not None, "last_reload": self.last_reload,
+        }
+
     # -- main loop --------------------------------------------------------------------------------
     def run(self) -> int:
+        become_subreaper()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
@@ -323,55 +640,82 @@ class Runner:
         signal.signal(signal.SIGTERM, lambda *_: self._stopping.set())
         signal.signal(signal.SIGINT, lambda *_: self._stopping.set())
         signal.signal(signal.SIGHUP, lambda *_: setattr(self, "_reload_requested", True))
-        self.start_supervisor()
-        self._bind_run_socket()
         try:
-            self.start_role(Role.PRIMARY)
-            self.start_role(Role.STANDBY)
+            self.start_supervisor()
+            self._bind_run_socket()
+            self.current[Role.PRIMARY] = self.spawn(Role.PRIMARY)
+            self.current[Role.STANDBY] = self.spawn(Role.STANDBY)
             while not self._stopping.is_set():
-                for key, _ in self._sel.select(0.2):
-                    if key.data == "wake":
-                        try:
-                            self._wake_r.recv(64)
-                        except BlockingIOError:
-                            pass
-                    elif key.data == "run":
-                        try:
-                            conn, _ = self._server.accept()  # type: ignore[union-attr]
-                        except BlockingIOError:
-                            continue
-                        self._serve_reload(conn)
-                if self._reload_requested:
-                    self._reload_requested = False
-                    threading.Thread(target=self._reload_logged, name="reload", daemon=True).start()
-                self._check_supervisor()
-                self._reap()
-                self._kill_overdue_orphans()
+                self._turn()
         finally:
             self.shutdown()
         return 0
 
-    def _reload_logged(self) -> None:
+    def _turn(self) -> None:
+        """One turn of the loop: every child's life changes here and nowhere else."""
+        for key, _ in self._sel.select(0.05 if self.reload_job else 0.2):
+            if key.data == "wake":
+                try:
+                    while self._wake_r.recv(64):
+                        pass
+                except (BlockingIOError, OSError):
+                    pass
+            elif key.data == "run":
+                try:
+                    conn, _ = self._server.accept()  # type: ignore[union-attr]
+                except BlockingIOError:
+                    continue
+                self._serve_request(conn)
+        while not self._requests.empty():
+            self.begin_reload(self._requests.get_nowait())
+        if self._reload_requested:
+            self._reload_requested = False
+            self.begin_reload()
+        self._collect_exits()
+        self.supervisor.tend()
+        self._step_reload()
+        self._restart_missing()
+        self._notify_ready()
+        self._update_snapshot()
+
+    def _notify_ready(self) -> None:
+        """Type=notify: READY=1 once both instances serve, the first time (a reload is ExecReload='s)."""
+        if self._told_ready or not all(self.current.values()):
+            return
         try:
-            result = self.reload()
-            log.info("reload done in %s s", result["seconds"])
-        except ReuseportStandbyError as exc:
-            log.error("reload failed: %s", exc)
+            st = client.query(self.cfg.service, "status", self.control, timeout=2)["status"]
+        except (SupervisorUnavailable, ProtocolError, OSError):
+            return
+        if all(instance_state(st, m.pid) == "active" for m in self.current.values() if m is not None):
+            self._told_ready = True
+            sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving: primary pid {self.current[Role.PRIMARY].pid}, "  # type: ignore[union-attr]
+                      f"standby pid {self.current[Role.STANDBY].pid}")  # type: ignore[union-attr]
+            log.info("both instances serve")
+
+    def _stop_and_wait(self, ms: list[Managed]) -> None:
+        for m in ms:
+            self.retire(m)
+        deadline = time.monotonic() + self.cfg.stop_timeout + 10
+        while any(not m.reaped for m in ms) and time.monotonic() < deadline:
+            self._sel.select(0.05)
+            self._collect_exits()
 
     def shutdown(self) -> None:
-        """Standby first, then primary (each leaves its slots, then drains), supervisor last."""
+        """Standby first, then primary (each leaves its slots, then drains), supervisor last; then
+        whatever else descends from us.  Nothing this runner started outlives it."""
         self._stopping.set()
-        with self._lock:
-            instances = [m for m in (self.current[Role.STANDBY], self.current[Role.PRIMARY]) if m is not None]
-        for m in instances:
-            self.terminate(m)
-        if self._supervisor is not None and self._supervisor.poll() is None:
-            self._supervisor.send_signal(signal.SIGTERM)
-            try:
-                self._supervisor.wait(10)
-            except subprocess.TimeoutExpired:
-                self._supervisor.kill()
-        self._kill_overdue_orphans(force=True)
+        sd_notify("STOPPING=1")
+        job, self.reload_job = self.reload_job, None
+        if job is not None:
+            for f in job.waiters:
+                f.set_exception(ReuseportStandbyError("run is stopping: reload abandoned"))
+        while not self._requests.empty():
+            self._requests.get_nowait().set_exception(ReuseportStandbyError("run is stopping"))
+        standby = [m for m in self.live if m is not self.current[Role.PRIMARY]]
+        self._stop_and_wait(standby)
+        self._stop_and_wait(list(self.live))
+        self.supervisor.kill(signal.SIGTERM, SUPERVISOR_STOP_TIMEOUT)
+        self._sweep()
         if self._server is not None:
             self._server.close()
             try:
@@ -381,16 +725,38 @@ class Runner:
         shutil.rmtree(self.workdir, ignore_errors=True)
         log.info("stopped")
 
+    def _sweep(self) -> None:
+        """Stop every remaining descendant (adopted ones): SIGTERM, a grace time, SIGKILL; reap them."""
+        grace = min(self.cfg.stop_timeout, 10.0)
+        deadline = time.monotonic() + grace
+        for _ in range(int((grace + 10) / 0.05)):
+            self.orphans.adopt(self._known_pids())
+            left = max(0.0, deadline - time.monotonic())
+            self.orphans.tend(set(), left, force=True)
+            if not self.orphans and not (my_children() - self._known_pids()):
+                return
+            time.sleep(0.05)
+        log.error("some descendants could not be stopped: %s", sorted(self.orphans.adopted))
+
 
 def request_reload(service: str, control: str | None = None, timeout: float = 600.0) -> dict[str, Any]:
     """Ask a running ``reuseport-standby run`` to do a rolling reload, and wait for the outcome."""
+    return _ask_run(service, control, {"op": "reload"}, timeout)
+
+
+def run_status(service: str, control: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
+    """What a running ``reuseport-standby run`` says of itself: its supervisor's health, its instances."""
+    return _ask_run(service, control, {"op": "status"}, timeout)["run"]
+
+
+def _ask_run(service: str, control: str | None, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
     path = run_socket_path(protocol.control_path(service, control))
     try:
         sock = client.connect(path)
     except SupervisorUnavailable:
         raise SupervisorUnavailable(f"no 'reuseport-standby run' for service {service!r} answers at {path}") from None
     with sock:
-        reply, _ = client.request(sock, {"op": "reload"}, timeout=timeout)
+        reply, _ = client.request(sock, msg, timeout=timeout)
         return reply
 
 

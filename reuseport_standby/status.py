@@ -26,7 +26,25 @@ def collect(service: str, control: str | None = None, pin_root: str = DEFAULT_PI
     try:
         return {"source": "supervisor", **client.query(service, "status", control)["status"]}
     except SupervisorUnavailable as exc:
-        return offline(service, pin_root, reason=str(exc))
+        st = offline(service, pin_root, reason=str(exc))
+        run = run_report(service, control)
+        if run is not None:
+            st["run"] = run
+        return st
+
+
+def run_report(service: str, control: str | None) -> dict[str, Any] | None:
+    """What a ``reuseport-standby run`` of this service says of its supervisor (None: no run answers).
+
+    The runner restarts a dead or unreachable supervisor with backoff; while it cannot, this is
+    where the operator sees why: the supervisor itself is not there to say."""
+    from .errors import ReuseportStandbyError
+    from .runner import run_status
+
+    try:
+        return run_status(service, control, timeout=2)
+    except (ReuseportStandbyError, OSError, KeyError):
+        return None
 
 
 def offline(service: str, pin_root: str, reason: str) -> dict[str, Any]:
@@ -71,6 +89,17 @@ def _lines(st: dict[str, Any]) -> list[str]:
         lines.append(f"  supervisor pid {sup['pid']}, up {sup['uptime_s']} s, control {sup['control']}")
     else:
         lines.append(f"  supervisor NOT RUNNING ({st.get('supervisor_error')}); state read from pins")
+    run = st.get("run")
+    if run:
+        rs = run.get("supervisor") or {}
+        inst = ", ".join(f"{role} pid {i['pid']}" for role, i in sorted((run.get("instances") or {}).items()) if i)
+        lines.append(f"  run pid {run.get('pid')}: supervisor {rs.get('state')}"
+                     + (f" for {rs['down_for_s']} s" if rs.get("down_for_s") is not None else "")
+                     + f", {rs.get('failed_attempts', 0)} failed restart(s) in a row"
+                     + (f", next attempt in {rs['next_attempt_in_s']} s" if rs.get("next_attempt_in_s") is not None else "")
+                     + f"; instances: {inst or 'none'}")
+        if rs.get("last_error"):
+            lines.append(f"    last error: {rs['last_error']}")
     instances = st.get("instances", [])
     heads = {i["pid"] for i in instances if i.get("scope") == "worker"}
     workers: dict[int, list[dict[str, Any]]] = {}

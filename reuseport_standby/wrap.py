@@ -81,6 +81,33 @@ def strip_address_options(kind: str, args: list[str]) -> tuple[list[str], list[s
     return kept, dropped
 
 
+def check_command(cmd: Sequence[str]) -> None:
+    """Refuse, before anything starts, a server command ``instance_command`` could not run: an unknown
+    server, a server that is not installed, a gunicorn config that does not exist."""
+    kind, first = _kind(cmd)
+    if kind == "uvicorn":
+        import importlib.util
+
+        if importlib.util.find_spec("uvicorn") is None:
+            raise ReuseportStandbyError(f"uvicorn is not installed for {sys.executable}")
+        return
+    prog = cmd[0] if first == 1 else None
+    if prog is not None and _gunicorn_program(prog) is None:
+        raise ReuseportStandbyError(f"{prog!r} not found (not in {os.path.dirname(sys.executable)} nor on PATH)")
+    if first != 1 and not shutil.which(cmd[0]):
+        raise ReuseportStandbyError(f"{cmd[0]!r} not found on PATH")
+    user, _ = _pop_config(list(cmd[first:]))
+    if user is not None and not user.startswith("python:") and not os.path.isfile(user):
+        raise ReuseportStandbyError(f"gunicorn config {user!r} not found")
+
+
+def _gunicorn_program(prog: str) -> str | None:
+    """The gunicorn to run: ours (next to this Python) for a bare 'gunicorn', else the one named."""
+    if Path(prog).name == "gunicorn" and os.path.sep not in prog:
+        return shutil.which("gunicorn", path=os.path.dirname(sys.executable)) or shutil.which("gunicorn")
+    return prog if os.access(prog, os.X_OK) and os.path.isfile(prog) else None
+
+
 def instance_command(cmd: Sequence[str], workdir: str | None = None) -> list[str]:
     kind, first = _kind(cmd)
     args, dropped = strip_address_options(kind, list(cmd[first:]))
@@ -114,8 +141,7 @@ def _pop_config(args: list[str]) -> tuple[str | None, list[str]]:
 def gunicorn_command(prog: list[str], args: list[str], workdir: str | None = None) -> list[str]:
     """Inject our config, composing with the user's own when there is one."""
     if prog and Path(prog[0]).name == "gunicorn" and not os.path.sep in prog[0]:
-        found = shutil.which("gunicorn", path=os.path.dirname(sys.executable)) or shutil.which("gunicorn")
-        prog = [found or prog[0]]
+        prog = [_gunicorn_program(prog[0]) or prog[0]]
     user, rest = _pop_config(args)
     if user is None and Path("gunicorn.conf.py").is_file():
         user = "gunicorn.conf.py"  # what gunicorn would have read by default

@@ -29,7 +29,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 import uuid
@@ -43,6 +42,7 @@ from helpers.procs import REPO, SupervisorProc, wait_for
 from helpers.servers import InstanceProc, restart_traced
 from helpers.echo import who
 from helpers.unitemu import EmulatedUnit, parse_unit, values
+from helpers.venvs import build_nobody_venv
 
 from reuseport_standby import client
 from reuseport_standby.loadgen import Load
@@ -107,6 +107,20 @@ def test_supervisor_unit_grants_exactly_the_needed_capabilities() -> None:
     assert values(app, "Unit", "Wants") == ["reuseport-standby@myapp.service"]
     assert not values(app, "Unit", "Requires") and not values(app, "Unit", "BindsTo"), \
         "restarting the supervisor must not restart the app"
+
+
+def test_run_unit_is_notify_runs_the_app_as_its_user_and_reloads_rolling() -> None:
+    """myapp-run.service: READY=1 comes from `run` once both instances serve; the app runs as myapp (run
+    refuses --user without CAP_SETUID, CAP_SETGID, CAP_KILL, CAP_CHOWN, so the unit grants them)."""
+    from reuseport_standby.runner import USER_CAPS
+
+    unit = parse_unit(SYSTEMD / "myapp-run.service")
+    assert values(unit, "Service", "Type") == ["notify"]
+    start = values(unit, "Service", "ExecStart")[0].split()
+    assert start[start.index("--user") + 1] == "myapp" and start.index("--user") < start.index("--")
+    assert values(unit, "Service", "ExecReload")[0].split()[1:3] == ["reload", "--service"]
+    for key in ("CapabilityBoundingSet", "AmbientCapabilities"):
+        assert set(values(unit, "Service", key)[0].split()) == {"CAP_BPF", "CAP_NET_BIND_SERVICE", *USER_CAPS}
 
 
 @pytest.mark.parametrize("name", ["reuseport-standby@.service", "myapp-run.service"])
@@ -221,33 +235,11 @@ def test_containerfile_lints_and_copies_what_exists() -> None:
 @pytest.fixture(scope="session")
 def deploy_venv() -> Path:
     """/opt/myapp/venv of the docs: the system Python, this checkout and its virtualenv's packages."""
-    if not SYSTEM_PYTHON.exists():
-        pytest.skip("no system python3 to build a virtualenv that nobody can read")
-    ver = subprocess.run([str(SYSTEM_PYTHON), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-                         capture_output=True, text=True).stdout.strip()
-    if ver != "%d.%d" % sys.version_info[:2]:
-        pytest.skip(f"system python is {ver}, this virtualenv {sys.version_info[:2]}: its packages would not import")
-    base = Path(tempfile.mkdtemp(prefix="rs-venv-", dir="/tmp"))
-    base.chmod(0o755)
-    venv = base / "venv"
-    subprocess.run([str(SYSTEM_PYTHON), "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    site = Path(subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               capture_output=True, text=True, check=True).stdout.strip())
-    ours = sysconfig.get_paths()["purelib"]
-    (site / "reuseport_standby_checkout.pth").write_text(f"{REPO}\nimport site; site.addsitedir({ours!r})\n")
-    for script in ("gunicorn", "reuseport-standby"):
-        text = (VENV_BIN / script).read_text().splitlines(keepends=True)
-        (venv / "bin" / script).write_text(f"#!{venv / 'bin' / 'python'}\n" + "".join(text[1:]))
-        (venv / "bin" / script).chmod(0o755)
-    subprocess.run(["chmod", "-R", "a+rX", str(base)], check=True)
-    r = subprocess.run(["setpriv", "--reuid", str(NOBODY), "--regid", str(NOGROUP), "--clear-groups", "--",
-                        str(venv / "bin" / "python"), "-c", "import reuseport_standby, gunicorn, uvicorn, flask"],
-                       capture_output=True, text=True, timeout=60, cwd="/")
-    if r.returncode != 0:
-        shutil.rmtree(base, ignore_errors=True)
-        pytest.skip(f"nobody cannot import this checkout: {r.stderr[-500:]}")
+    venv, why = build_nobody_venv()
+    if venv is None:
+        pytest.skip(why)
     yield venv
-    shutil.rmtree(base, ignore_errors=True)
+    shutil.rmtree(venv.parent, ignore_errors=True)
 
 
 def as_nobody(*cmd: str) -> list[str]:

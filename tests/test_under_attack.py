@@ -428,7 +428,7 @@ def reload_socket(short_tmp: Path):
                 conn, _ = runner._server.accept()
             except BlockingIOError:
                 continue
-            runner._serve_reload(conn)
+            runner._serve_request(conn)
 
     t = threading.Thread(target=serve, daemon=True)
     t.start()
