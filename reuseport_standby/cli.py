@@ -180,13 +180,17 @@ def printable(text: str) -> str:
 def cmd_supervise(args: argparse.Namespace) -> int:
     from .supervisor import SuperviseOptions, Supervisor
 
+    if args.metrics:
+        from .metrics import require_client
+
+        require_client()  # before anything is loaded or pinned
     sup = Supervisor(SuperviseOptions.from_args(args))
     sup.start()
-    if args.metrics:
-        from .metrics import serve
-
-        serve(sup, args.metrics)
     try:
+        if args.metrics:
+            from .metrics import serve
+
+            serve(sup, args.metrics)
         sup.serve_forever()
     finally:
         sup.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Iterator
 
+from .errors import ReuseportStandbyError
 from .kernel.sockets import Address
 
 if TYPE_CHECKING:
@@ -108,15 +109,27 @@ def _cookie(sock: object) -> int:
         return -1
 
 
+def require_client() -> None:
+    """Fail before the supervisor loads anything when --metrics cannot work (an optional dependency)."""
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        raise ReuseportStandbyError("--metrics needs prometheus_client: pip install 'reuseport-standby[metrics]', "
+                                    "or drop --metrics") from None
+
+
 def serve(sup: "Supervisor", address: Address) -> object:
     """Start the /metrics HTTP endpoint in a daemon thread."""
-    try:
-        from prometheus_client import start_http_server
-        from prometheus_client.core import CollectorRegistry
-    except ImportError:
-        raise ImportError("--metrics needs prometheus_client: pip install 'reuseport-standby[metrics]'") from None
+    require_client()
+    from prometheus_client import start_http_server
+    from prometheus_client.core import CollectorRegistry
+
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SupervisorCollector(sup))  # type: ignore[arg-type]
-    server, _thread = start_http_server(address.port, addr=address.host, registry=registry)
+    try:
+        server, _thread = start_http_server(address.port, addr=address.host, registry=registry)
+    except OSError as exc:
+        raise ReuseportStandbyError(f"--metrics {address}: cannot listen there ({exc.strerror or exc}); "
+                                    f"pick a free address or drop --metrics") from None
     log.info("metrics on http://%s/metrics", address)
     return server

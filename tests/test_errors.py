@@ -84,3 +84,68 @@ def test_default_loader_never_imports_bcc(tmp_path: Path) -> None:
             "print('bcc' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def _supervise(args: list[str], *, block: str | None = None) -> "subprocess.CompletedProcess[str]":
+    """``reuseport-standby supervise ARGS`` in a fresh interpreter (``block``: a module it cannot import)."""
+    import subprocess
+    import sys
+
+    pre = f"sys.modules[{block!r}] = None; " if block else ""
+    code = "import sys; " + pre + "from reuseport_standby.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, "supervise", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_metrics_without_prometheus_client_is_one_line_before_anything_starts(tmp_path: Path) -> None:
+    """No traceback, and nothing loaded or pinned: the check comes before the supervisor starts (a pin root
+    that does not exist stays so; a start would have made it or failed on bpffs first)."""
+    pins = tmp_path / "pins"
+    r = _supervise(["--service", "m", "--bind", "127.0.0.1:1", "--metrics", "127.0.0.1:1",
+                    "--control", str(tmp_path / "c.sock"), "--pin-root", str(pins)], block="prometheus_client")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "pip install 'reuseport-standby[metrics]'" in r.stderr, r.stderr
+    assert not pins.exists() and not (tmp_path / "c.sock").exists()
+
+
+@pytest.mark.kernel
+def test_metrics_on_a_busy_port_is_one_line_and_the_supervisor_cleans_up(tmp_path: Path) -> None:
+    """The port of --metrics is taken: one line, exit 1, and the supervisor's close() still runs (its
+    control socket gone, the service lock released: the same service starts again at once)."""
+    import os
+    import socket
+    import uuid
+
+    from conftest import TEST_PIN_BASE, free_port, remove_pins
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    service = f"m{uuid.uuid4().hex[:10]}"
+    pin_root = TEST_PIN_BASE / service
+    control = f"/tmp/rs-{service}.sock"
+    args = ["--service", service, "--bind", f"127.0.0.1:{free_port()}", "--control", control,
+            "--pin-root", str(pin_root)]
+    try:
+        r = _supervise([*args, "--metrics", f"127.0.0.1:{busy.getsockname()[1]}"])
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        last = r.stderr.strip().splitlines()[-1]
+        assert "--metrics" in last and "cannot listen there" in last, r.stderr
+        assert not os.path.exists(control), "close() did not run"
+        import subprocess
+        import sys
+        import time
+
+        again = subprocess.Popen([sys.executable, "-m", "reuseport_standby", "supervise", *args],
+                                 stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 15
+            while not os.path.exists(control) and again.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert os.path.exists(control), f"the service did not start again: {again.poll()}"
+        finally:
+            again.terminate()
+            _, err = again.communicate(timeout=15)
+        assert "already has a supervisor" not in err, err
+    finally:
+        busy.close()
+        remove_pins(pin_root)

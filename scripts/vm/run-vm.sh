@@ -41,7 +41,7 @@ trap cleanup EXIT
 payload=$work/payload
 mkdir -p "$payload/out" "$payload/wheels"
 "$python" -m pip wheel -q --no-deps -w "$payload/wheels" "$repo" >/dev/null
-reqs="pytest gunicorn flask"
+reqs="pytest gunicorn flask prometheus_client"
 wheelhouse=$cache/wheels-$(echo "$reqs" | sha256sum | cut -c1-12)
 if [ ! -d "$wheelhouse" ]; then
   "$python" -m pip download -q --only-binary=:all: -d "$wheelhouse.tmp" $reqs
@@ -49,14 +49,20 @@ if [ ! -d "$wheelhouse" ]; then
 fi
 cp "$wheelhouse"/*.whl "$payload/wheels/"
 mkdir -p "$payload/tests" "$payload/examples"
-cp "$repo/tests/conftest.py" "$repo/tests/test_kernel.py" "$payload/tests/"
-mkdir -p "$payload/tests/helpers"
-cp "$repo/tests/helpers/__init__.py" "$repo/tests/helpers/netutil.py" "$payload/tests/helpers/"
+# The kernel tests, and the control-plane security tests whose point is the kernel's behaviour
+# (SO_LOCK_FILTER, detach and re-attach, flock on bpffs, a 0700 bpffs mount) on Debian 12's kernel.
+cp "$repo/tests/conftest.py" "$repo/tests/test_kernel.py" "$repo/tests/test_program_integrity.py" \
+   "$repo/tests/test_trusted_paths.py" "$payload/tests/"
+mkdir -p "$payload/tests/helpers" "$payload/tests/apps"
+cp "$repo"/tests/helpers/*.py "$payload/tests/helpers/"
+cp "$repo"/tests/apps/*.py "$payload/tests/apps/"
 cp -r "$repo/examples/systemd" "$payload/examples/"
 cp -r "$here/guest" "$payload/guest"
 # VM_STEPS: only these steps of guest/run.sh (e.g. "venv systemd"); VM_GUEST_SCRIPT:
 # another script instead of the checks (for experiments).
 [ -n "${VM_STEPS:-}" ] && echo "$VM_STEPS" >"$payload/steps"
+# VM_PYTEST_ARGS: other arguments for the kernel-tests step (e.g. one test file).
+[ -n "${VM_PYTEST_ARGS:-}" ] && echo "$VM_PYTEST_ARGS" >"$payload/pytest-args"
 cp "${VM_GUEST_SCRIPT:-$here/guest/run.sh}" "$payload/run.sh"
 echo $(( limit - 120 )) >"$payload/timeout"
 chmod -R a+rX "$payload"   # tests drop to nobody; mktemp made the top 0700   # the guest stops its own checks first

@@ -43,14 +43,15 @@ step facts facts
 # working tree) and pytest, offline from the wheelhouse the host brought.
 setup_test_venv() {
   python3 -m venv /opt/rs-checks &&
-  /opt/rs-checks/bin/pip install -q --no-index --find-links "$P/wheels" reuseport-standby pytest
+  /opt/rs-checks/bin/pip install -q --no-index --find-links "$P/wheels" "reuseport-standby[metrics]" pytest
 }
 step venv setup_test_venv || { echo 1 >"$OUT/failed"; exit 1; }
 
 # The kernel tests against the installed package (libbpf and BCC loaders).
 kernel_tests() {
   cd "$P/tests" && REUSEPORT_STANDBY_REQUIRE_KERNEL=1 PYTHONDONTWRITEBYTECODE=1 \
-    /opt/rs-checks/bin/python -m pytest -p no:cacheprovider -q -ra test_kernel.py
+    /opt/rs-checks/bin/python -m pytest -p no:cacheprovider -q -ra \
+      $(cat "$P/pytest-args" 2>/dev/null || echo test_kernel.py test_program_integrity.py test_trusted_paths.py)
 }
 step kernel-tests kernel_tests
 

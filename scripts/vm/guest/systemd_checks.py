@@ -307,10 +307,20 @@ def run_mode() -> None:
     for unit in ("myapp@primary", "myapp@standby"):
         sh("systemctl", "stop", unit, timeout=120)
     t0 = time.monotonic()
-    sh("systemctl", "start", "myapp-run", timeout=120)
-    sh("/opt/myapp/venv/bin/reuseport-standby", "check", "--service", "myapp-run", "--wait", "180")
-    check("run-mode unit: serving", one_request("127.0.0.1", RUN_PORT)[0] == "ok", start_seconds=round(time.monotonic() - t0, 1))
+    sh("systemctl", "start", "myapp-run", timeout=180)
+    # Type=notify: `systemctl start` returns once `run` said READY=1, i.e. both instances serve.
+    first = one_request("127.0.0.1", RUN_PORT)[0]
     before = sh("/opt/myapp/venv/bin/reuseport-standby", "status", "--service", "myapp-run", "--json").stdout
+    states = sorted(i["state"] for i in json.loads(before).get("instances", []) if i.get("role"))
+    check("run-mode unit (Type=notify): serving with both instances active when `systemctl start` returns",
+          first == "ok" and states == ["active", "active"], outcome=first, states=states,
+          start_seconds=round(time.monotonic() - t0, 1))
+    myapp = int(sh("id", "-u", "myapp").stdout)
+    masters = [i["pid"] for i in json.loads(before).get("instances", []) if i.get("role")]
+    who = {pid: (proc_status(pid)["Uid"].split()[0], proc_status(pid)["CapEff"], proc_status(pid)["Groups"])
+           for pid in masters + [c for m in masters for c in children(m)]}
+    check("run-mode unit: `run --user myapp` starts the instances and their workers as myapp, no capability",
+          bool(who) and all(uid == str(myapp) and int(eff, 16) == 0 for uid, eff, _ in who.values()), processes=who)
     load = Load("127.0.0.1", RUN_PORT, concurrency=4, duration=600, max_requests=10_000_000).start()
     try:
         time.sleep(3)
