@@ -105,5 +105,16 @@ class RecordingEventLoop(asyncio.SelectorEventLoop):
 
 
 def loop_factory() -> asyncio.AbstractEventLoop:
-    """uvicorn ``--loop bench.recording:loop_factory``."""
+    """uvicorn ``--loop bench.recording:loop_factory``.
+
+    Under reuseport-standby's accept pacing (reuseport_standby/pacing.py) the
+    handed-out listeners are accepted from by a paced listener, not by
+    asyncio's loop: it reports its accepts through ``pacing.on_accept``.
+    """
+    try:
+        from reuseport_standby import pacing
+    except ImportError:  # a contender without the package
+        pass
+    else:
+        pacing.on_accept = record_accept
     return RecordingEventLoop()

@@ -12,7 +12,8 @@ import enum
 from .kernel.layout import Role
 
 __all__ = ["Role", "State", "Scope", "ENV_ROLE", "ENV_SERVICE", "ENV_CONTROL", "ENV_SCOPE",
-           "ENV_CONNECT_TIMEOUT", "ENV_GENERATION", "ENV_SECCOMP", "ENV_USER", "ENV_GROUP"]
+           "ENV_CONNECT_TIMEOUT", "ENV_GENERATION", "ENV_SECCOMP", "ENV_USER", "ENV_GROUP",
+           "ENV_ACCEPT_AHEAD", "ENV_KEEPALIVE_DRAIN"]
 
 #: the role an instance serves (primary / standby)
 ENV_ROLE = "REUSEPORT_STANDBY_ROLE"
@@ -32,6 +33,10 @@ ENV_SECCOMP = "REUSEPORT_STANDBY_SECCOMP"
 ENV_USER = "REUSEPORT_STANDBY_USER"
 #: ``run --group``: the instances' group, and the group allowed on the control socket
 ENV_GROUP = "REUSEPORT_STANDBY_GROUP"
+#: uvicorn: connections a process may hold accepted but unread (0: asyncio's own accept loop; pacing.py)
+ENV_ACCEPT_AHEAD = "REUSEPORT_STANDBY_ACCEPT_AHEAD"
+#: uvicorn: seconds a stopping instance waits for the next request of an idle keep-alive connection (0: none)
+ENV_KEEPALIVE_DRAIN = "REUSEPORT_STANDBY_KEEPALIVE_DRAIN"
 
 
 class State(str, enum.Enum):

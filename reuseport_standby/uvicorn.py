@@ -28,7 +28,13 @@ and uvicorn's shutdown closes every connection that has not delivered a
 request yet: a request accepted just before would be reset.  The config
 given to uvicorn (:class:`StandbyConfig`) therefore wraps the HTTP protocol
 so that shutdown waits up to ``FIRST_REQUEST_GRACE`` for such a connection's
-first bytes, and serves that request before closing.
+first bytes, and serves that request before closing.  The same wrapper drains keep-alive
+connections: from the moment the instance leaves its slots every response
+says ``Connection: close``, and an idle keep-alive connection is closed only
+after ``KEEPALIVE_DRAIN`` seconds without a request.  And the config's loop
+factory paces accepts (:mod:`reuseport_standby.pacing`): a process holds at
+most ``REUSEPORT_STANDBY_ACCEPT_AHEAD`` unread connections, so what a SIGKILL
+would take with it stays in the kernel's queue, where it migrates.
 
 **Worker scope** (``scope="worker"``, ``--scope worker``,
 ``REUSEPORT_STANDBY_SCOPE=worker``; with ``workers > 1``): every worker
@@ -66,8 +72,8 @@ import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
-from .names import ENV_ROLE, ENV_SCOPE, ENV_SERVICE
-from . import protocol
+from .names import ENV_KEEPALIVE_DRAIN, ENV_ROLE, ENV_SCOPE, ENV_SERVICE
+from . import pacing, protocol
 from .client import InstanceClient
 from .errors import ReuseportStandbyError
 from .kernel.layout import WORKERS_PER_INSTANCE, Role
@@ -88,6 +94,12 @@ STOP_GRACE = 0.2
 # How long uvicorn's shutdown waits for a connection it accepted but has
 # heard nothing from yet (see _first_request_grace).
 FIRST_REQUEST_GRACE = 1.0
+
+# Once shutdown began, how long an idle keep-alive connection may still
+# bring its next request (served with Connection: close) before it is closed:
+# a client that sends right after a response is never cut off mid-request.
+# Overridden by $REUSEPORT_STANDBY_KEEPALIVE_DRAIN; see docs/uvicorn.md.
+KEEPALIVE_DRAIN = 1.0
 
 # uvicorn settings that the supervisor owns, and why each is refused.
 REFUSED = {
@@ -125,6 +137,8 @@ def run(
     (uvicorn's startup failure) if the app never started serving.
     """
     check_options(config)
+    pacing.accept_ahead()  # a bad REUSEPORT_STANDBY_ACCEPT_AHEAD / _KEEPALIVE_DRAIN fails here, not in every worker
+    keepalive_drain(None)
     the_role = resolve_role(role)
     the_service = protocol.check_service(service or os.environ.get(ENV_SERVICE)
                                          or protocol.DEFAULT_SERVICE)
@@ -144,8 +158,10 @@ def run(
     try:
         if client.backlog is not None:
             cfg.backlog = client.backlog  # uvicorn calls listen() again with it: keep the supervisor's
-        reader, writer = multiprocessing.get_context("spawn").Pipe(duplex=False)
-        cfg.callback_notify = ServingNotice(writer, user_notify)
+        spawn = multiprocessing.get_context("spawn")
+        reader, writer = spawn.Pipe(duplex=False)
+        leaving = spawn.Event() if cfg.workers > 1 else None  # workers hear "out of the slots" through it
+        cfg.callback_notify = ServingNotice(writer, user_notify, leaving)
         activation = Activation(client, per_worker=the_scope == "worker")
         relay = threading.Thread(target=_relay, args=(reader, activation), name="reuseport-standby-ready", daemon=True)
         relay.start()
@@ -154,7 +170,8 @@ def run(
                 given = sockets
                 if the_scope == "worker":
                     given = WorkerSockets(_WorkerSpec(the_role.value, the_service, client.control_path, os.getpid()))
-                status = _run_workers(cfg, given, activation)
+                assert leaving is not None
+                status = _run_workers(cfg, given, activation, leaving)
             else:
                 status = _run_single(cfg, sockets, activation)
         finally:
@@ -204,29 +221,83 @@ def _instance_name(app: Any, workers: int) -> str:
 
 
 class StandbyConfig(uvicorn.Config):
-    """``uvicorn.Config`` whose HTTP protocol lets a just-accepted connection deliver its request at shutdown.
+    """``uvicorn.Config`` for an instance of a pair: paced accepts, and connections that drain at shutdown.
 
-    It is pickled to spawned workers like any Config, so the workers' stock
-    ``Server`` loads the wrapped protocol too.
+    It is pickled to spawned workers like any Config (and a gunicorn
+    ``UvicornWorker`` adopts the class), so the stock ``Server`` of every
+    process that serves uses both:
+
+    * ``get_loop_factory()``: the loop serves the handed-out sockets through
+      :mod:`reuseport_standby.pacing` (``REUSEPORT_STANDBY_ACCEPT_AHEAD``);
+    * ``load()``: the HTTP protocol lets a just-accepted connection deliver its
+      request, and an idle keep-alive connection its next one, at shutdown
+      (``REUSEPORT_STANDBY_KEEPALIVE_DRAIN``).
     """
 
     def load(self) -> None:
         super().load()
-        self.http_protocol_class = _first_request_grace(self.http_protocol_class)
+        self.http_protocol_class = _first_request_grace(
+            self.http_protocol_class, keepalive_drain(self.timeout_graceful_shutdown))
+
+    def get_loop_factory(self) -> Callable[[], asyncio.AbstractEventLoop] | None:
+        return pacing.pacing_loop_factory(super().get_loop_factory(), pacing.accept_ahead())
 
 
-def _first_request_grace(protocol_class: type[asyncio.Protocol]) -> type[asyncio.Protocol]:
-    """A subclass of uvicorn's HTTP protocol whose ``shutdown()`` spares connections with nothing received yet.
+def keepalive_drain(graceful_timeout: float | None, value: str | None = None) -> float:
+    """Seconds an idle keep-alive connection may still bring a request once shutdown began.
 
-    Uses only the asyncio Protocol callbacks and uvicorn's ``shutdown()``:
-    a connection that has received no byte for less than
-    ``FIRST_REQUEST_GRACE`` seconds gets ``shutdown()`` again when its first
-    data arrives or the grace ends, whichever comes first.
+    ``value``, else ``$REUSEPORT_STANDBY_KEEPALIVE_DRAIN``, else
+    ``KEEPALIVE_DRAIN``; never longer than uvicorn's graceful-shutdown timeout,
+    which cancels whatever is still running anyway.
+    """
+    raw = value if value is not None else os.environ.get(ENV_KEEPALIVE_DRAIN)
+    try:
+        drain = KEEPALIVE_DRAIN if raw is None or raw == "" else float(raw)
+    except ValueError:
+        raise ValueError(f"{ENV_KEEPALIVE_DRAIN} must be a number of seconds, not {raw!r}") from None
+    if drain < 0:
+        raise ValueError(f"{ENV_KEEPALIVE_DRAIN} must be 0 or more, not {drain}")
+    return drain if graceful_timeout is None else min(drain, float(graceful_timeout))
+
+
+CLOSE = (b"connection", b"close")
+
+
+def _announce_close(server_state: Any, cycle: Any) -> None:
+    """From now on every response of this process says ``Connection: close``.
+
+    uvicorn copies ``server_state.default_headers`` into each new request
+    cycle (and refreshes it only from its main loop, which is over once
+    shutdown runs); a cycle whose response has not started yet gets it too.
+    A header rather than a silent close after the response: the client then
+    knows not to send its next request on this connection.
+    """
+    headers = getattr(server_state, "default_headers", None)
+    if isinstance(headers, list) and CLOSE not in headers:
+        server_state.default_headers = headers + [CLOSE]
+    if cycle is not None and not getattr(cycle, "response_started", True):
+        if CLOSE not in cycle.default_headers:
+            cycle.default_headers = cycle.default_headers + [CLOSE]
+
+
+def _first_request_grace(protocol_class: type[asyncio.Protocol], drain: float) -> type[asyncio.Protocol]:
+    """A subclass of uvicorn's HTTP protocol whose ``shutdown()`` lets an idle connection bring one more request.
+
+    Stock uvicorn closes an idle connection at once when shutdown begins:
+    one accepted an instant earlier, whose request is on its way, is reset,
+    and so is a keep-alive client's next request crossing the close.  Here
+    an idle connection is given until a deadline (``FIRST_REQUEST_GRACE``
+    from its accept if it has sent nothing yet, ``drain`` seconds from the
+    shutdown if it has): a request arriving meanwhile is served, with
+    ``Connection: close``, then the connection closes; at the deadline it
+    closes.  Uses only the asyncio Protocol callbacks and uvicorn's
+    ``shutdown()``, ``cycle`` and ``server_state``.
     """
 
     class FirstRequestGrace(protocol_class):  # type: ignore[valid-type, misc]
         _rs_made_at = 0.0
         _rs_heard = False
+        _rs_deadline: float | None = None
         _rs_shutdown_pending = False
         _rs_transport: asyncio.BaseTransport | None = None
 
@@ -238,16 +309,24 @@ def _first_request_grace(protocol_class: type[asyncio.Protocol]) -> type[asyncio
         def data_received(self, data: bytes) -> None:
             self._rs_heard = True
             super().data_received(data)
-            if self._rs_shutdown_pending:
+            if (self._rs_shutdown_pending or _leaving) and self._rs_busy():
                 self._rs_shutdown_pending = False
-                self.shutdown()  # now with its request under way: served, then closed
+                self.shutdown()  # now with its request under way: served with Connection: close, then closed
+
+        def _rs_busy(self) -> bool:
+            cycle = getattr(self, "cycle", None)
+            return cycle is not None and not cycle.response_complete
 
         def shutdown(self) -> None:
             transport = self._rs_transport
             if transport is not None and transport.is_closing():
                 return
-            left = FIRST_REQUEST_GRACE - (time.monotonic() - self._rs_made_at)
-            if not self._rs_heard and left > 0:
+            now = time.monotonic()
+            if self._rs_deadline is None:
+                self._rs_deadline = (self._rs_made_at + FIRST_REQUEST_GRACE) if not self._rs_heard else now + drain
+                _announce_close(getattr(self, "server_state", None), getattr(self, "cycle", None))
+            left = self._rs_deadline - now
+            if not self._rs_busy() and left > 0:
                 if not self._rs_shutdown_pending:
                     self._rs_shutdown_pending = True
                     asyncio.get_running_loop().call_later(left, self._rs_grace_over)
@@ -272,14 +351,19 @@ class ServingNotice:
     end does (multiprocessing passes it to the child at spawn).
     """
 
-    def __init__(self, conn: Connection, chained: Callable[[], Awaitable[None]] | None = None) -> None:
+    def __init__(self, conn: Connection, chained: Callable[[], Awaitable[None]] | None = None,
+                 leaving: Any = None) -> None:
         self.conn = conn
         self.chained = chained
+        self.leaving = leaving  # with workers: a multiprocessing Event set when the instance leaves its slots
         self.sent = False
 
     async def __call__(self) -> None:
         if not self.sent:
             self.sent = True
+            if self.leaving is not None:
+                threading.Thread(target=_watch_leaving, args=(self.leaving, asyncio.get_running_loop()),
+                                 name="reuseport-standby-leaving", daemon=True).start()
             if _worker_client is not None:  # worker scope: this worker activates its own listeners
                 await asyncio.get_running_loop().run_in_executor(None, _activate_worker, _worker_client)
             try:
@@ -288,6 +372,31 @@ class ServingNotice:
                 log.warning("could not tell the main process that worker %d serves: %s", os.getpid(), exc)
         if self.chained is not None:
             await self.chained()
+
+
+# In a worker: True once the instance has left its slots (its main process said so), so that
+# every request from then on is answered with Connection: close (see _first_request_grace).
+_leaving = False
+
+
+def _watch_leaving(leaving: Any, loop: asyncio.AbstractEventLoop) -> None:
+    """A worker's thread: when the main process leaves the slots, tell this worker's loop.
+
+    uvicorn's multiprocess supervisor stops its workers only after
+    ``STOP_GRACE`` and its own signal poll (up to 0.5 s); responses sent
+    meanwhile would still promise keep-alive to connections about to close.
+    """
+    leaving.wait()
+    try:
+        loop.call_soon_threadsafe(_notice_leaving)
+    except RuntimeError:
+        pass  # the loop is closed: this worker is gone already
+
+
+def _notice_leaving() -> None:
+    global _leaving
+    _leaving = True
+    log.info("uvicorn worker [%d]: instance out of the slots; responses say Connection: close", os.getpid())
 
 
 class Activation:
@@ -349,6 +458,8 @@ class _DrainingServer(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self._before_close)
+        for connection in list(self.server_state.connections):
+            connection.shutdown()  # out of the slots: responses say Connection: close from now on
         await asyncio.sleep(STOP_GRACE)
         await super().shutdown(sockets)
 
@@ -487,8 +598,12 @@ def _run_single(cfg: StandbyConfig, sockets: list[socket.socket], activation: Ac
     return EXIT_OK if server.started else EXIT_STARTUP_FAILURE
 
 
-def _run_workers(cfg: StandbyConfig, sockets: list[socket.socket], activation: Activation) -> int:
-    supervisor = _DrainingMultiprocess(cfg, sockets, activation.stop)
+def _run_workers(cfg: StandbyConfig, sockets: list[socket.socket], activation: Activation, leaving: Any) -> int:
+    def leave() -> None:
+        activation.stop()
+        leaving.set()
+
+    supervisor = _DrainingMultiprocess(cfg, sockets, leave)
     activation.on_failure = supervisor.should_exit.set
     try:
         supervisor.run()
