@@ -328,7 +328,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    from .runner import request_reload
+    from .run_client import request_reload
 
     result = request_reload(args.service, args.control, args.timeout)
     print("reloaded: " + ", ".join(f"{r['role']} pid {r['pid']}" for r in result["replaced"]) + f" in {result['seconds']} s")

@@ -29,7 +29,7 @@ from . import client
 from .errors import ReuseportStandbyError, SupervisorUnavailable
 from .kernel.pins import DEFAULT_PIN_ROOT
 from .loadgen import Load, LoadResult
-from .runner import request_reload
+from .run_client import request_reload
 
 
 def _remove_pins(path: Path) -> None:

@@ -39,12 +39,14 @@ from .names import ENV_ACCEPT_AHEAD
 
 log = logging.getLogger(__name__)
 
-# Connections a process may hold accepted but unread.  Measured (docs/benchmarks.md,
-# "Accept pacing and keep-alive drain"; 2 workers, 32 clients): at 4, the unread
-# requests a SIGKILL takes fall from ~11 to ~7 per kill, for ~12 % more CPU per
-# request in the worst case (empty app, a new connection per request); at 1 nearly
-# none die but a request costs ~40 % more; at 16 nothing is saved.
-DEFAULT_ACCEPT_AHEAD = 4
+# Connections a process may hold accepted but unread; 0: asyncio's own accept loop.  Off by
+# default: measured (docs/benchmarks.md, "Accept pacing and keep-alive drain"; 2 workers, 32
+# clients), 4 cuts the unread requests a SIGKILL takes from ~11 to ~7 per kill but costs ~12 %
+# more CPU per request in the worst case (empty app, a new connection per request), and a
+# client that connects and sends nothing holds a unit of the budget: as many such clients as
+# the bound stall a process's accepts.  Turn it on (4 is the measured choice) where SIGKILLs
+# are more likely than such clients, e.g. behind a proxy that sends requests at once.
+DEFAULT_ACCEPT_AHEAD = 0
 
 #: Called with the peer address of every connection a paced listener accepts, as
 #: ``accept()`` returns (bench/recording.py records accepts through it, to tell a

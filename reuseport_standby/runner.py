@@ -50,6 +50,7 @@ from .names import ENV_CONTROL, ENV_GENERATION, ENV_ROLE, ENV_SERVICE
 from .status import instance_state
 from .supervisor.loop import sd_notify
 from .supervisor.options import SuperviseOptions
+from .run_client import request_reload, run_socket_path, run_status  # noqa: F401 (also public here)
 from .wrap import instance_command
 
 log = logging.getLogger(__name__)
@@ -149,12 +150,6 @@ class RunConfig:
     @property
     def service(self) -> str:
         return self.supervisor.service
-
-
-def run_socket_path(control_path: str) -> str:
-    """Where a runner listens for ``reload``: next to the supervisor's control socket."""
-    base = control_path[:-5] if control_path.endswith(".sock") else control_path
-    return base + ".run.sock"
 
 
 def child_env() -> dict[str, str]:
@@ -737,27 +732,6 @@ class Runner:
                 return
             time.sleep(0.05)
         log.error("some descendants could not be stopped: %s", sorted(self.orphans.adopted))
-
-
-def request_reload(service: str, control: str | None = None, timeout: float = 600.0) -> dict[str, Any]:
-    """Ask a running ``reuseport-standby run`` to do a rolling reload, and wait for the outcome."""
-    return _ask_run(service, control, {"op": "reload"}, timeout)
-
-
-def run_status(service: str, control: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
-    """What a running ``reuseport-standby run`` says of itself: its supervisor's health, its instances."""
-    return _ask_run(service, control, {"op": "status"}, timeout)["run"]
-
-
-def _ask_run(service: str, control: str | None, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
-    path = run_socket_path(protocol.control_path(service, control))
-    try:
-        sock = client.connect(path)
-    except SupervisorUnavailable:
-        raise SupervisorUnavailable(f"no 'reuseport-standby run' for service {service!r} answers at {path}") from None
-    with sock:
-        reply, _ = client.request(sock, msg, timeout=timeout)
-        return reply
 
 
 def run(cfg: RunConfig) -> int:

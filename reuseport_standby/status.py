@@ -39,7 +39,7 @@ def run_report(service: str, control: str | None) -> dict[str, Any] | None:
     The runner restarts a dead or unreachable supervisor with backoff; while it cannot, this is
     where the operator sees why: the supervisor itself is not there to say."""
     from .errors import ReuseportStandbyError
-    from .runner import run_status
+    from .run_client import run_status
 
     try:
         return run_status(service, control, timeout=2)

@@ -192,7 +192,7 @@ def test_group_members_read_pins_without_privilege(supervisor) -> None:
     sup.kill(signal.SIGKILL)
     # Everything is imported before dropping to nobody (this interpreter lives under /root).
     code = (
-        "import os, sys, json; from reuseport_standby import status, client, supervisor; from reuseport_standby.kernel import diag, group\n"
+        "import os, sys, json; from reuseport_standby import status, client, supervisor, runner; from reuseport_standby.kernel import diag, group\n"
         "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
         "st = status.collect(sys.argv[1], sys.argv[2], sys.argv[3]); print(json.dumps(st))\n"
     )
