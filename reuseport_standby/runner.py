@@ -50,7 +50,7 @@ from .names import ENV_CONTROL, ENV_GENERATION, ENV_ROLE, ENV_SERVICE
 from .status import instance_state
 from .supervisor.loop import sd_notify
 from .supervisor.options import SuperviseOptions
-from .run_client import request_reload, run_socket_path, run_status  # noqa: F401 (also public here)
+from .run_client import run_socket_path
 from .wrap import instance_command
 
 log = logging.getLogger(__name__)

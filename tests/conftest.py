@@ -196,3 +196,15 @@ def control_plane(request: pytest.FixtureRequest, short_tmp: Path):
     for sup in started:
         sup.stop()
 
+
+
+@pytest.fixture(scope="session")
+def nobody_venv():
+    """A virtualenv nobody can run (the test virtualenv lives under /root): tests/helpers/venvs.py."""
+    from helpers.venvs import build_nobody_venv
+
+    venv, why = build_nobody_venv()
+    if venv is None:
+        pytest.skip(why)
+    yield venv
+    shutil.rmtree(venv.parent, ignore_errors=True)

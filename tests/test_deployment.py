@@ -42,7 +42,7 @@ from helpers.procs import REPO, SupervisorProc, wait_for
 from helpers.servers import InstanceProc, restart_traced
 from helpers.echo import who
 from helpers.unitemu import EmulatedUnit, parse_unit, values
-from helpers.venvs import build_nobody_venv
+from helpers.proctree import proc_status
 
 from reuseport_standby import client
 from reuseport_standby.loadgen import Load
@@ -61,14 +61,6 @@ NOGROUP = grp.getgrnam("nogroup").gr_gid
 
 def cap_mask(names) -> int:
     return sum(1 << CAP_BITS[n] for n in names)
-
-
-def proc_status(pid: int) -> dict[str, str]:
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        k, _, v = line.partition(":")
-        out[k] = v.strip()
-    return out
 
 
 # -- static checks: unit files, manifests, Containerfile ------------------------------------
@@ -233,13 +225,9 @@ def test_containerfile_lints_and_copies_what_exists() -> None:
 # -- a virtualenv that nobody can run ---------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def deploy_venv() -> Path:
+def deploy_venv(nobody_venv: Path) -> Path:
     """/opt/myapp/venv of the docs: the system Python, this checkout and its virtualenv's packages."""
-    venv, why = build_nobody_venv()
-    if venv is None:
-        pytest.skip(why)
-    yield venv
-    shutil.rmtree(venv.parent, ignore_errors=True)
+    return nobody_venv
 
 
 def as_nobody(*cmd: str) -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,9 +90,6 @@ def test_default_loader_never_imports_bcc(tmp_path: Path) -> None:
 
 def _supervise(args: list[str], *, block: str | None = None) -> "subprocess.CompletedProcess[str]":
     """``reuseport-standby supervise ARGS`` in a fresh interpreter (``block``: a module it cannot import)."""
-    import subprocess
-    import sys
-
     pre = f"sys.modules[{block!r}] = None; " if block else ""
     code = "import sys; " + pre + "from reuseport_standby.cli import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", code, "supervise", *args], capture_output=True, text=True, timeout=60)
@@ -131,8 +130,6 @@ def test_metrics_on_a_busy_port_is_one_line_and_the_supervisor_cleans_up(tmp_pat
         last = r.stderr.strip().splitlines()[-1]
         assert "--metrics" in last and "cannot listen there" in last, r.stderr
         assert not os.path.exists(control), "close() did not run"
-        import subprocess
-        import sys
         import time
 
         again = subprocess.Popen([sys.executable, "-m", "reuseport_standby", "supervise", *args],

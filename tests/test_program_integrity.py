@@ -19,7 +19,6 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from pathlib import Path
 
 import pytest
 

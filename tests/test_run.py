@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import struct
@@ -21,11 +20,11 @@ import pytest
 from conftest import free_port
 from helpers.procs import REPO, wait_for
 from helpers.proctree import descendants, proc_status, with_env
-from helpers.venvs import NOBODY, NOGROUP, build_nobody_venv
+from helpers.venvs import NOBODY, NOGROUP
 from reuseport_standby import client
 from reuseport_standby.errors import ProtocolError, SupervisorUnavailable
 from reuseport_standby.loadgen import Load
-from reuseport_standby.runner import request_reload
+from reuseport_standby.run_client import request_reload
 
 APPS = Path(__file__).parent / "apps"
 MARKER = "RS_TEST_RUN_MARKER"
@@ -103,16 +102,6 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return "?"
-
-
-@pytest.fixture(scope="session")
-def nobody_venv() -> Path:
-    """A virtualenv nobody can run (the test virtualenv lives under /root): tests/helpers/venvs.py."""
-    venv, why = build_nobody_venv()
-    if venv is None:
-        pytest.skip(why)
-    yield venv
-    shutil.rmtree(venv.parent, ignore_errors=True)
 
 
 GUNICORN = ["gunicorn", "-w", "2", "--graceful-timeout", "5", "versioned_app:app"]

@@ -441,7 +441,8 @@ def reload_socket(short_tmp: Path):
 def test_a_reload_reply_longer_than_one_message_reaches_reload(reload_socket) -> None:
     """It went out with protocol.send, which refuses more than MAX_MESSAGE: the thread died and
     `reload` heard "closed the control connection", not the outcome."""
-    from reuseport_standby.runner import InstanceFailed, request_reload
+    from reuseport_standby.run_client import request_reload
+    from reuseport_standby.runner import InstanceFailed
 
     runner, control = reload_socket
     big = {"ok": True, "replaced": [{"role": "standby", "pid": 1, "generation": 3}] * 2000, "seconds": 1.5}
@@ -459,7 +460,7 @@ def test_a_reload_reply_longer_than_one_message_reaches_reload(reload_socket) ->
 def test_the_reload_socket_answers_what_it_cannot_use(reload_socket) -> None:
     """A request that is not a JSON object, too long, or a reload that fails unexpectedly: an error
     reply each (it used to end the thread with no reply)."""
-    from reuseport_standby.runner import request_reload, run_socket_path
+    from reuseport_standby.run_client import request_reload, run_socket_path
 
     runner, control = reload_socket
 
