@@ -21,6 +21,9 @@ import signal
 import time
 from dataclasses import dataclass
 
+from .kernel.pidfd import pidfd_send_signal
+from .supervisor.peers import parent_of
+
 log = logging.getLogger(__name__)
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -43,7 +46,7 @@ def has_exited(pidfd: int) -> bool:
 def send(pidfd: int, sig: int) -> bool:
     """Signal the process of ``pidfd``; False when it has already exited (or, logged, may not be signalled)."""
     try:
-        signal.pidfd_send_signal(pidfd, sig)
+        pidfd_send_signal(pidfd, sig)
         return True
     except ProcessLookupError:
         return False
@@ -64,19 +67,6 @@ def generation_of(pid: int, name: str) -> str | None:
         if item.startswith(prefix):
             return item[len(prefix):].decode(errors="replace")
     return None
-
-
-def parent_of(pid: int) -> int | None:
-    """The parent pid from /proc/PID/stat (None: gone).  The command name may hold spaces and ')'."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    try:
-        return int(stat[stat.rindex(b")") + 2:].split()[1])
-    except (ValueError, IndexError):
-        return None
 
 
 def my_children() -> set[int]:

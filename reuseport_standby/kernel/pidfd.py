@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import socket
 from pathlib import Path
 
-SYS_PIDFD_SEND_SIGNAL = 424
-SYS_PIDFD_OPEN = 434
 SYS_PIDFD_GETFD = 438
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -61,7 +60,7 @@ def find_socket_fd(pid: int, inode: int) -> tuple[int, int] | None:
 def pidfd_open(pid: int) -> int:
     """A pidfd of the process that is ``pid`` now (the caller closes it).  Only as good as the pid:
     if that process may have exited, check afterwards that the pidfd is the one meant."""
-    return _syscall(SYS_PIDFD_OPEN, pid, 0)
+    return os.pidfd_open(pid)
 
 
 def pidfd_send_signal(pidfd: int, sig: int) -> None:
@@ -69,7 +68,7 @@ def pidfd_send_signal(pidfd: int, sig: int) -> None:
 
     ProcessLookupError once it has exited, PermissionError without the right (another uid needs
     CAP_KILL)."""
-    _syscall(SYS_PIDFD_SEND_SIGNAL, pidfd, sig, 0, 0)
+    signal.pidfd_send_signal(pidfd, sig)
 
 
 def is_alive(pidfd: int) -> bool:
