@@ -32,6 +32,7 @@ class ListenerQueue:
     backlog: int   # the listen() backlog
     uid: int
     inode: int = 0
+    host: str = ""  # the address it is bound to ("0.0.0.0", "::" for any)
 
 
 def listeners(families: tuple[int, ...] = (socket.AF_INET, socket.AF_INET6)) -> dict[int, ListenerQueue]:
@@ -66,6 +67,8 @@ def listeners(families: tuple[int, ...] = (socket.AF_INET, socket.AF_INET6)) -> 
 def _parse(data: bytes, off: int) -> ListenerQueue:
     fam = data[off]
     sport = struct.unpack_from("!H", data, off + 4)[0]
+    src = data[off + 8: off + 8 + (16 if fam == socket.AF_INET6 else 4)]
     c0, c1 = struct.unpack_from("=II", data, off + 4 + 4 + 32 + 4)
     _expires, rq, wq, uid, inode = struct.unpack_from("=IIIII", data, off + 4 + 48)
-    return ListenerQueue(cookie=c0 | (c1 << 32), family=fam, port=sport, queued=rq, backlog=wq, uid=uid, inode=inode)
+    return ListenerQueue(cookie=c0 | (c1 << 32), family=fam, port=sport, queued=rq, backlog=wq, uid=uid, inode=inode,
+                         host=socket.inet_ntop(fam, src))

@@ -130,6 +130,24 @@ def _mkdir(path: Path, mode: int) -> None:
             f"which ProtectKernelTunables= keeps read-only; see examples/systemd/)") from exc
 
 
+def remove_made(paths: list[Path]) -> None:
+    """Remove the pin directories a failed start made (``paths``: top-down, as they were missing) and the
+    pins in its address directories; a directory that still holds anything else is left, with all above."""
+    for path in reversed(paths):
+        try:
+            entries = list(os.scandir(path))
+            if not any(e.is_dir(follow_symlinks=False) for e in entries):  # an address's pins, or nothing
+                for entry in entries:
+                    os.unlink(entry.path)  # a pin or a link, never followed
+            os.rmdir(path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            if exc.errno != errno.ENOTEMPTY:  # not empty: someone else's meanwhile, not ours to remove
+                log.warning("could not remove %s, made by the failed start: %s", path, exc.strerror)
+            return
+
+
 def bpffs_mount_point(path: Path) -> Path:
     """The first directory of ``path`` (from ``/`` down) that is on bpffs: where bpffs is mounted.
 

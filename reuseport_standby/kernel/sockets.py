@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import re
@@ -29,6 +30,18 @@ class Address:
         host = f"[{self.host}]" if self.family == socket.AF_INET6 else self.host
         return f"{host}:{self.port}".replace(".", "_")
 
+    def sockaddr(self) -> tuple[str, int] | tuple[str, int, int, int]:
+        """What bind() takes: a link-local IPv6 address carries its interface as the scope id
+        (Python drops a ``%eth0`` suffix given in the host string)."""
+        if self.family == socket.AF_INET6 and "%" in self.host:
+            host, _, scope = self.host.partition("%")
+            try:
+                index = int(scope) if scope.isdigit() else socket.if_nametoindex(scope)
+            except OSError:
+                raise OSError(errno.ENODEV, f"no network interface {scope!r}") from None
+            return (host, self.port, 0, index)
+        return (self.host, self.port)
+
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if self.family == socket.AF_INET6 else f"{self.host}:{self.port}"
 
@@ -54,8 +67,12 @@ class Address:
         return cls(host, port)
 
 
-def create_listener(address: Address, backlog: int = DEFAULT_BACKLOG) -> socket.socket:
-    """A bound, listening, SO_REUSEPORT socket: a member of ``address``'s group."""
+def bind_reuseport(address: Address) -> socket.socket:
+    """A bound SO_REUSEPORT socket, not yet listening.
+
+    Binding is where an unusable address shows (not on this host, port held without SO_REUSEPORT or by
+    another user, a privileged port); the socket joins ``address``'s reuseport group only at ``listen()``,
+    so a start can try every address before it loads or pins anything."""
     sock = socket.socket(address.family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -63,12 +80,44 @@ def create_listener(address: Address, backlog: int = DEFAULT_BACKLOG) -> socket.
         if address.family == socket.AF_INET6:
             # v4 and v6 are separate groups; a v6 address serves only v6.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((address.host, address.port))
+        sock.bind(address.sockaddr())
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def create_listener(address: Address, backlog: int = DEFAULT_BACKLOG) -> socket.socket:
+    """A bound, listening, SO_REUSEPORT socket: a member of ``address``'s group."""
+    sock = bind_reuseport(address)
+    try:
         sock.listen(backlog)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def listens_on(listener: object, address: Address) -> bool:
+    """Whether a sock_diag listener (:class:`~.diag.ListenerQueue`) is bound to exactly ``address``:
+    a member of its reuseport group (a wildcard or another address is another group)."""
+    host = getattr(listener, "host", "")
+    if not host or getattr(listener, "port", None) != address.port:
+        return False
+    return ipaddress.ip_address(host) == ipaddress.ip_address(address.host.partition("%")[0])
+
+
+def listen_problem(address: Address, exc: OSError) -> str:
+    """Why ``address`` cannot be served, and what to do, from the error of bind() or listen()."""
+    hint = {
+        errno.EADDRINUSE: "Another process holds this port without SO_REUSEPORT, or as another user "
+                          f"(see: ss -ltnp 'sport = :{address.port}'); stop it first, or choose another port.",
+        errno.EACCES: "Binding a port below 1024 needs CAP_NET_BIND_SERVICE (root has it).",
+        errno.EADDRNOTAVAIL: "It is not an address of this host (see: ip -brief address).",
+        errno.EINVAL: "A link-local IPv6 address needs its interface, e.g. [fe80::1%eth0]:PORT.",
+        errno.ENODEV: "No network interface has that name (see: ip -brief link).",
+    }.get(exc.errno or 0, "")
+    return f"cannot listen on {address}: {exc.strerror or exc}. {hint}".rstrip()
 
 
 SO_LOCK_FILTER = 44

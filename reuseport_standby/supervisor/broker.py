@@ -26,7 +26,8 @@ from .. import protocol
 from ..errors import ProtocolError, ReuseportStandbyError
 from ..kernel import diag
 from ..kernel.layout import FLAG_SWAP_ROLES, PARKING_SLOT, Config
-from ..kernel.sockets import Address, create_listener, is_listening_tcp, lock_filter, requeue, socket_cookie
+from ..kernel.sockets import (Address, bind_reuseport, create_listener, is_listening_tcp, listen_problem, listens_on,
+                              lock_filter, requeue, socket_cookie)
 from ..names import Role, Scope, State
 from . import handover, health, slots
 from .integrity import ProgramWatch, anchor_allowance
@@ -99,32 +100,67 @@ class Broker:
 
     # -- addresses ----------------------------------------------------------------------
     def open(self) -> None:
-        """Open (or re-adopt) every address's group and anchor; finish a promote interrupted half-way."""
+        """Open (or re-adopt) every address's group and anchor; finish a promote interrupted half-way.
+
+        Every address is bound first (not listening: no group joined) and checked for listeners of
+        another group, so that an unusable address is refused before anything is loaded or pinned."""
+        reserved: dict[Address, socket.socket] = {}
         try:
             for address in self.addresses:
-                self.states[address] = self._open_address(address)
+                reserved[address] = self._reserve(address)
+            for address in self.addresses:
+                self.states[address] = self._open_address(address, reserved.pop(address))
             self.swapped = next(iter(self.states.values())).group.read_config().swapped
             for st in self.states.values():
                 self.edit_config(st.group, flags=FLAG_SWAP_ROLES if self.swapped else 0)
         except BaseException:
+            for sock in reserved.values():
+                sock.close()
             self.close()
             raise
 
-    def _open_address(self, address: Address) -> AddressState:
-        group = self.open_group(address)
+    #: whether ``address`` may already have listeners of this service (its pins exist: a supervisor
+    #: restart re-adopts them); without, a listener already there belongs to another group
+    may_adopt: Callable[[Address], bool] = staticmethod(lambda address: True)  # type: ignore[assignment]
+
+    def _reserve(self, address: Address) -> socket.socket:
         try:
-            anchor = create_listener(address, self.backlog)
+            sock = bind_reuseport(address)
         except OSError as exc:
+            raise ReuseportStandbyError(listen_problem(address, exc)) from None
+        if not self.may_adopt(address):
+            theirs = [q for q in self.queues().values() if listens_on(q, address)]
+            if theirs:
+                sock.close()
+                raise ReuseportStandbyError(
+                    f"cannot serve {address}: {len(theirs)} SO_REUSEPORT socket(s) of uid "
+                    f"{', '.join(sorted({str(q.uid) for q in theirs}))} already listen there, and this service has "
+                    f"no pins for it (another service, another server, or instances left from before this "
+                    f"service's pins were removed). Joining their group would take it over: stop them "
+                    f"(ss -ltnp 'sport = :{address.port}'), or choose another port")
+        return sock
+
+    def _open_address(self, address: Address, anchor: socket.socket) -> AddressState:
+        try:
+            group = self.open_group(address)
+        except BaseException:
+            anchor.close()
+            raise
+        try:
+            anchor.listen(self.backlog)
+        except OSError as exc:
+            anchor.close()
             group.close()
-            raise ReuseportStandbyError(
-                f"cannot listen on {address}: {exc.strerror}. "
-                + ("Another process holds this port without SO_REUSEPORT, or as another user; stop it first."
-                   if exc.errno == 98 else
-                   "Binding a port below 1024 needs CAP_NET_BIND_SERVICE." if exc.errno == 13 else "")) from exc
-        # Attach after listen(): attaching first would make the anchor a group of its own.  The anchor
-        # is the one member never locked (SO_LOCK_FILTER): it never leaves this process.
-        group.attach(anchor)
-        self._fill_parking(group, anchor)
+            raise ReuseportStandbyError(listen_problem(address, exc)) from exc
+        try:
+            # Attach after listen(): attaching first would make the anchor a group of its own.  The anchor
+            # is the one member never locked (SO_LOCK_FILTER): it never leaves this process.
+            group.attach(anchor)
+            self._fill_parking(group, anchor)
+        except BaseException:
+            anchor.close()
+            group.close()
+            raise
         orphans = {i: c for i, c in group.slots().items() if i != PARKING_SLOT}
         if orphans:
             log.info("%s: re-adopted %d live slot(s) from before this supervisor started: %s",
@@ -202,7 +238,7 @@ class Broker:
             for s in created:
                 s.close()
             inst.role = None
-            raise ReuseportStandbyError(f"could not create a listener: {exc}") from exc
+            raise ReuseportStandbyError(f"could not create a listener: {listen_problem(address, exc)}") from exc
         for address, sock in zip(self.addresses, created):
             inst.pending[address] = sock
             inst.cookies[address] = socket_cookie(sock)

@@ -114,6 +114,11 @@ class Supervisor:
         from ..kernel import pins
 
         t0 = time.monotonic()
+        # What this start creates below the pin root, removed again if it fails: a failed start leaves
+        # the pins as it found them (a re-adopted service's pins are never touched).
+        made = [path for path in (Path(self.options.pin_root), self.pin_dir,
+                                  *(self.pin_dir / a.group_name for a in self.addresses)) if not os.path.lexists(path)]
+        self.broker.may_adopt = lambda address: (self.pin_dir / address.group_name) not in made
         try:
             # Over the in-memory maps (the fast tests) there is no bpffs: the service's directory is made,
             # checked and locked below the pin root all the same.
@@ -129,6 +134,8 @@ class Supervisor:
             self.broker.open()
             self._server = self._bind_control()
         except BaseException:
+            if self._service_lock is not None:  # ours to undo only while we hold the service's lock
+                pins.remove_made(made)
             self.close()
             raise
         self._sel.register(self._server, selectors.EVENT_READ, ("accept", None))
@@ -149,6 +156,7 @@ class Supervisor:
                 peers.give_to_group(self.control_path, self.gid, self.options.group)
             except BaseException:
                 server.close()
+                os.unlink(self.control_path)  # ours: bound just now (listen_unix never takes over another's)
                 raise
         return server
 
