@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from .names import ENV_GROUP, ENV_SCOPE, ENV_SERVICE, ENV_USER, State
-from . import __version__, protocol, uvicorn_cli
+from . import __version__, project_conf, protocol, uvicorn_cli
 from .errors import ReuseportStandbyError, SupervisorUnavailable, UsageError
 from .kernel.pins import DEFAULT_PIN_ROOT
 from .kernel.sockets import DEFAULT_BACKLOG, Address
@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--kernel-only", action="store_true", help="only the kernel-level demonstration (no web server)")
     dm.add_argument("--connections", type=int, default=50, help="with --kernel-only: queued connections")
     uvicorn_cli.add_parser(sub)
+    project_conf.add_parser(sub)
     return p
 
 
@@ -347,7 +348,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {"supervise": cmd_supervise, "status": cmd_status, "check": cmd_check, "run": cmd_run, "reload": cmd_reload, "demo": cmd_demo,
             "weight": cmd_admin, "promote": cmd_admin, "drain": cmd_admin, "undrain": cmd_admin,
-            "uvicorn": uvicorn_cli.command}
+            "uvicorn": uvicorn_cli.command, "init": project_conf.command}
 
 if __name__ == "__main__":
     raise SystemExit(main())
