@@ -25,15 +25,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter as Tally
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-
 from conftest import free_port
 from reuseport_standby.kernel.group import Group
-from reuseport_standby.kernel.layout import PARKING_SLOT, Counter, Role
+from reuseport_standby.kernel.layout import PARKING_SLOT, Role
 from reuseport_standby.kernel.sockets import Address, create_listener, socket_cookie
 from reuseport_standby.supervisor import slots
 
@@ -155,7 +153,7 @@ class Clients:
 
     address: Address
     answered: int = 0
-    failures: Tally[str] = field(default_factory=Tally)
+    failures: Counter[str] = field(default_factory=Counter)
     stop: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -194,7 +192,7 @@ class Clients:
 @dataclass
 class Outcome:
     answered: int
-    failures: Tally[str]
+    failures: Counter[str]
     killed: int
     stopped: int
     stale_selections: int  #: connections selected while the table still listed a SIGKILLed slot
