@@ -29,7 +29,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import free_port
+import pytest
+
+from conftest import free_port, require_bcc
 from reuseport_standby.kernel.group import Group
 from reuseport_standby.kernel.layout import PARKING_SLOT, Role
 from reuseport_standby.kernel.sockets import Address, create_listener, socket_cookie
@@ -199,14 +201,14 @@ class Outcome:
     counters: dict[str, int]
 
 
-def hammer(pin_root: Path, migrate: bool, seed: int = 19) -> Outcome:
+def hammer(pin_root: Path, migrate: bool, loader: str = "libbpf", seed: int = 19) -> Outcome:
     """Client threads against the group while instances start, hang and get SIGKILLed, or stop."""
     rng = random.Random(seed)
     address = Address("127.0.0.1", free_port())
     live: list[Instance] = []
     ended: list[Instance] = []
     killed = stopped = stale_selections = 0
-    with Group.open(pin_root / address.group_name, migrate=migrate) as group:
+    with Group.open(pin_root / address.group_name, migrate=migrate, loader=loader) as group:
         sup = Supervisor(group)
         anchor = create_listener(address)  # the supervisor's anchor: nothing should ever be parked on it
         group.attach(anchor)
@@ -265,9 +267,12 @@ def hammer(pin_root: Path, migrate: bool, seed: int = 19) -> Outcome:
     return Outcome(clients.answered, clients.failures, killed, stopped, stale_selections, counters)
 
 
-def test_no_connection_lost_while_slots_come_and_go(pin_root: Path) -> None:
+@pytest.mark.parametrize("loader", ["libbpf", "bcc"])
+def test_no_connection_lost_while_slots_come_and_go(pin_root: Path, loader: str) -> None:
     """SELECT_OR_MIGRATE with the live-slot table kept in the supervisor's order: every connection answered."""
-    out = hammer(pin_root, migrate=True)
+    if loader == "bcc":
+        require_bcc()
+    out = hammer(pin_root, migrate=True, loader=loader)
     print(f"\n{out.answered} answered, failures {dict(out.failures)}, {out.killed} SIGKILLs, {out.stopped} stops, "
           f"{out.stale_selections} selections while the table listed a killed slot, counters {out.counters}")
     assert out.killed >= 3 and out.stopped >= 3
