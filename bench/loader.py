@@ -19,8 +19,8 @@ import socket
 import statistics
 import subprocess
 import sys
-import time
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
