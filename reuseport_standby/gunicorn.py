@@ -20,6 +20,11 @@ can import them and :func:`compose` them with its own.
   last copy of the listener closes, what was accepted completes.  Workers
   close their copies as soon as their serving loop returns, so the queue
   does not wait for their interpreters to tear down.
+- **uvicorn workers** (``uvicorn_worker.UvicornWorker`` and its kin, by
+  their stock names).  ``post_worker_init`` gives their uvicorn config our
+  class before they serve (:mod:`reuseport_standby.gunicorn_workers`): a
+  connection accepted just before a shutdown is served, not reset; accepts
+  are paced; idle keep-alive connections drain.
 - **Worker scope** (``REUSEPORT_STANDBY_SCOPE=worker``).  Every worker is a
   client of the supervisor of its own: in ``post_fork`` it registers (with
   the master's pid as its parent) and serves listeners of its own instead of
@@ -206,6 +211,10 @@ class GunicornInstance:
             found.append("post_worker_init is not reuseport-standby's, so this instance would never become ready: "
                          "keep yours with post_worker_init = reuseport_standby.gunicorn.compose("
                          "reuseport_standby.gunicorn.post_worker_init, your_hook)")
+        if _is_uvicorn_worker_class(cfg.worker_class):
+            from .gunicorn_workers import check_settings
+
+            found.extend(check_settings())
         if self.worker_scope:
             if cfg.workers > WORKERS_PER_INSTANCE:
                 found.append(f"{ENV_SCOPE}=worker gives every worker a slot of its own, and an instance may have at "
@@ -515,7 +524,25 @@ def post_worker_init(worker: "Worker") -> None:
                      "run reuseport-standby's on_starting hook; keep yours with on_starting = "
                      "reuseport_standby.gunicorn.compose(reuseport_standby.gunicorn.on_starting, your_hook)")
         sys.exit(WORKER_BOOT_ERROR)
+    _standby_uvicorn(worker)
     _current.watch(worker)
+
+
+def _is_uvicorn_worker_class(cls: type) -> bool:
+    if "uvicorn" not in sys.modules:
+        return False  # no uvicorn worker class was loaded
+    from .gunicorn_workers import is_uvicorn_worker_class
+
+    return is_uvicorn_worker_class(cls)
+
+
+def _standby_uvicorn(worker: "Worker") -> None:
+    """A uvicorn worker (stock ``uvicorn_worker.UvicornWorker`` included) gets our shutdown, pacing and drain."""
+    if _is_uvicorn_worker_class(type(worker)):
+        from .gunicorn_workers import adopt
+
+        if adopt(worker):
+            log.debug("reuseport-standby: worker %d serves through StandbyConfig", os.getpid())
 
 
 @_hook
