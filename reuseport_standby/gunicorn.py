@@ -41,6 +41,7 @@ import functools
 import inspect
 import logging
 import os
+import _thread
 import signal
 import sys
 import threading
@@ -345,6 +346,7 @@ class GunicornInstance:
         the worker with status 1 (not gunicorn's boot error, which would halt
         the master): gunicorn forks another.
         """
+        _patch_first(worker)
         client = InstanceClient(self.settings.role, self.settings.service, control=self.settings.control,
                                 name=f"gunicorn worker {worker.age}", parent=self._owner,
                                 connect_timeout=min(WORKER_CONNECT_TIMEOUT, self.settings.connect_timeout),
@@ -400,6 +402,21 @@ def _after_fork_in_child() -> None:
         _current._after_fork_in_child()
 
 
+def _patch_first(worker: "Worker") -> None:
+    """A gevent worker: monkeypatch before the worker's supervisor client makes its socket and thread.
+
+    gevent patches in the worker's ``init_process``, after ``post_fork``; a
+    thread started before that breaks when it ends (gevent's documented
+    rule: patch before anything else).  gunicorn's own patch then finds
+    everything patched already.
+    """
+    ggevent = sys.modules.get("gunicorn.workers.ggevent")
+    if ggevent is not None and isinstance(worker, ggevent.GeventWorker):
+        from gevent import monkey
+
+        monkey.patch_all()
+
+
 def _leave_when_exiting(worker: "Worker", client: InstanceClient) -> None:
     """Leave the worker's slots the moment it begins to exit.
 
@@ -410,12 +427,14 @@ def _leave_when_exiting(worker: "Worker", client: InstanceClient) -> None:
     on I/O); closing the listeners (``release``) waits for it, so the worker
     has left its slots before its queue migrates.
     """
-    started = threading.Event()
+    started: list[bool] = []
 
     def leave() -> None:
-        if not started.is_set():
-            started.set()
-            threading.Thread(target=client.stop, name="reuseport-standby-leave", daemon=True).start()
+        # Not threading.Thread().start(): it waits for the thread to start, which a signal handler
+        # running inside gevent's hub may not do.  (A greenlet once gevent has patched _thread.)
+        if not started:
+            started.append(True)
+            _thread.start_new_thread(client.stop, ())
 
     base = type(worker)
 
