@@ -203,3 +203,20 @@ def test_stock_uvicorn_worker_serves_a_request_sent_just_after_sigterm(superviso
         assert sum(seen.values()) == k and not seen["standby"], seen
     else:
         assert seen == {"primary close": k}, f"{seen}\n{primary.log()[-3000:]}"
+
+
+@pytest.mark.kernel
+def test_a_bad_uvicorn_setting_stops_the_master_with_one_line(supervisor, short_tmp: Path) -> None:
+    sup: SupervisorProc = supervisor()
+    cmd = gunicorn_cmd("asgi_role:app", "--workers", "2", "--worker-class", "uvicorn_worker.UvicornWorker")
+    inst = InstanceProc(cmd, sup, "primary", env={"XDG_RUNTIME_DIR": str(short_tmp), ENV_ACCEPT_AHEAD: "many"},
+                        cwd=APPS).start()
+    assert inst.proc is not None
+    try:
+        code = inst.proc.wait(30)
+    finally:
+        inst.stop()
+    log = inst.log()
+    assert code == 1, log
+    assert f"{ENV_ACCEPT_AHEAD} must be a whole number" in log and "Traceback" not in log, log
+    assert not [i for i in sup.status()["instances"] if i["state"] == "active"]
