@@ -37,11 +37,11 @@ can import them and :func:`compose` them with its own.
 
 from __future__ import annotations
 
+import _thread
 import functools
 import inspect
 import logging
 import os
-import _thread
 import signal
 import sys
 import threading
@@ -423,8 +423,8 @@ def _leave_when_exiting(worker: "Worker", client: InstanceClient) -> None:
     Every gunicorn worker says so by setting ``alive`` to false: on SIGTERM,
     SIGQUIT or SIGINT (in the signal handler), and when ``max_requests`` is
     reached.  The worker's class is swapped for a subclass whose ``alive``
-    setter starts the ``stop()`` in a thread (never blocking a signal handler
-    on I/O); closing the listeners (``release``) waits for it, so the worker
+    setter starts the ``stop()`` in a thread, a greenlet in a gevent worker
+    (never blocking a signal handler on I/O); closing the listeners (``release``) waits for it, so the worker
     has left its slots before its queue migrates.
     """
     started: list[bool] = []
