@@ -20,6 +20,11 @@ can import them and :func:`compose` them with its own.
   last copy of the listener closes, what was accepted completes.  Workers
   close their copies as soon as their serving loop returns, so the queue
   does not wait for their interpreters to tear down.
+- **uvicorn workers** (``uvicorn_worker.UvicornWorker`` and its kin, by
+  their stock names).  ``post_worker_init`` gives their uvicorn config our
+  class before they serve (:mod:`reuseport_standby.gunicorn_workers`): a
+  connection accepted just before a shutdown is served, not reset; accepts
+  are paced; idle keep-alive connections drain.
 - **Worker scope** (``REUSEPORT_STANDBY_SCOPE=worker``).  Every worker is a
   client of the supervisor of its own: in ``post_fork`` it registers (with
   the master's pid as its parent) and serves listeners of its own instead of
@@ -32,6 +37,7 @@ can import them and :func:`compose` them with its own.
 
 from __future__ import annotations
 
+import _thread
 import functools
 import inspect
 import logging
@@ -206,6 +212,10 @@ class GunicornInstance:
             found.append("post_worker_init is not reuseport-standby's, so this instance would never become ready: "
                          "keep yours with post_worker_init = reuseport_standby.gunicorn.compose("
                          "reuseport_standby.gunicorn.post_worker_init, your_hook)")
+        if _is_uvicorn_worker_class(cfg.worker_class):
+            from .gunicorn_workers import check_settings
+
+            found.extend(check_settings())
         if self.worker_scope:
             if cfg.workers > WORKERS_PER_INSTANCE:
                 found.append(f"{ENV_SCOPE}=worker gives every worker a slot of its own, and an instance may have at "
@@ -336,6 +346,7 @@ class GunicornInstance:
         the worker with status 1 (not gunicorn's boot error, which would halt
         the master): gunicorn forks another.
         """
+        _patch_first(worker)
         client = InstanceClient(self.settings.role, self.settings.service, control=self.settings.control,
                                 name=f"gunicorn worker {worker.age}", parent=self._owner,
                                 connect_timeout=min(WORKER_CONNECT_TIMEOUT, self.settings.connect_timeout),
@@ -391,22 +402,39 @@ def _after_fork_in_child() -> None:
         _current._after_fork_in_child()
 
 
+def _patch_first(worker: "Worker") -> None:
+    """A gevent worker: monkeypatch before the worker's supervisor client makes its socket and thread.
+
+    gevent patches in the worker's ``init_process``, after ``post_fork``; a
+    thread started before that breaks when it ends (gevent's documented
+    rule: patch before anything else).  gunicorn's own patch then finds
+    everything patched already.
+    """
+    ggevent = sys.modules.get("gunicorn.workers.ggevent")
+    if ggevent is not None and isinstance(worker, ggevent.GeventWorker):
+        from gevent import monkey
+
+        monkey.patch_all()
+
+
 def _leave_when_exiting(worker: "Worker", client: InstanceClient) -> None:
     """Leave the worker's slots the moment it begins to exit.
 
     Every gunicorn worker says so by setting ``alive`` to false: on SIGTERM,
     SIGQUIT or SIGINT (in the signal handler), and when ``max_requests`` is
     reached.  The worker's class is swapped for a subclass whose ``alive``
-    setter starts the ``stop()`` in a thread (never blocking a signal handler
-    on I/O); closing the listeners (``release``) waits for it, so the worker
+    setter starts the ``stop()`` in a thread, a greenlet in a gevent worker
+    (never blocking a signal handler on I/O); closing the listeners (``release``) waits for it, so the worker
     has left its slots before its queue migrates.
     """
-    started = threading.Event()
+    started: list[bool] = []
 
     def leave() -> None:
-        if not started.is_set():
-            started.set()
-            threading.Thread(target=client.stop, name="reuseport-standby-leave", daemon=True).start()
+        # Not threading.Thread().start(): it waits for the thread to start, which a signal handler
+        # running inside gevent's hub may not do.  (A greenlet once gevent has patched _thread.)
+        if not started:
+            started.append(True)
+            _thread.start_new_thread(client.stop, ())
 
     base = type(worker)
 
@@ -515,7 +543,25 @@ def post_worker_init(worker: "Worker") -> None:
                      "run reuseport-standby's on_starting hook; keep yours with on_starting = "
                      "reuseport_standby.gunicorn.compose(reuseport_standby.gunicorn.on_starting, your_hook)")
         sys.exit(WORKER_BOOT_ERROR)
+    _standby_uvicorn(worker)
     _current.watch(worker)
+
+
+def _is_uvicorn_worker_class(cls: type) -> bool:
+    if "uvicorn" not in sys.modules:
+        return False  # no uvicorn worker class was loaded
+    from .gunicorn_workers import is_uvicorn_worker_class
+
+    return is_uvicorn_worker_class(cls)
+
+
+def _standby_uvicorn(worker: "Worker") -> None:
+    """A uvicorn worker (stock ``uvicorn_worker.UvicornWorker`` included) gets our shutdown, pacing and drain."""
+    if _is_uvicorn_worker_class(type(worker)):
+        from .gunicorn_workers import adopt
+
+        if adopt(worker):
+            log.debug("reuseport-standby: worker %d serves through StandbyConfig", os.getpid())
 
 
 @_hook

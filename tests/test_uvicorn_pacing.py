@@ -71,7 +71,8 @@ def _outcome(s: socket.socket) -> str:
         return type(exc).__name__
 
 
-# uvicorn standalone, uvicorn --workers 2, and gunicorn with our UvicornWorker (2 workers)
+# uvicorn standalone, uvicorn --workers 2, and gunicorn with the stock uvicorn_worker.UvicornWorker (2 workers),
+# which our post_worker_init gives the same config (reuseport_standby.gunicorn_workers.adopt)
 SERVERS = ["w1", "w2", "gunicorn"]
 WORKERS = {"w1": 1, "w2": 2, "gunicorn": 2}
 
@@ -79,8 +80,8 @@ WORKERS = {"w1": 1, "w2": 2, "gunicorn": 2}
 def _pair(supervisor, instances, server: str, env: dict[str, str], short_tmp) -> tuple[SupervisorProc, InstanceProc]:
     sup = supervisor()
     if server == "gunicorn":
-        cmd = gunicorn_cmd("asgi_role:app", "--workers", "2", "--worker-class",
-                           "reuseport_standby.gunicorn_workers.UvicornWorker", "--graceful-timeout", "10")
+        cmd = gunicorn_cmd("asgi_role:app", "--workers", "2", "--worker-class", "uvicorn_worker.UvicornWorker",
+                           "--graceful-timeout", "10")
         make = lambda role, e: instances.track(InstanceProc(cmd, sup, role, env={"XDG_RUNTIME_DIR": str(short_tmp),
                                                                                      **e}, cwd=APPS))
     else:

@@ -173,16 +173,24 @@ def test_balance_of_worker_and_instance_scope(supervisor, app_env: dict[str, str
 
 # -- failover -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["sync", "gthread", "uvicorn-rs"])
+# The stock uvicorn_worker.UvicornWorker by its usual name (our post_worker_init adopts it);
+# gevent monkeypatches sockets and threads after post_fork registered the worker.
+WORKER_CLASS_ARGS = {
+    "sync": [],
+    "gthread": ["--worker-class", "gthread", "--threads", "2", "--worker-connections", "2"],
+    "uvicorn": ["--worker-class", "uvicorn_worker.UvicornWorker"],
+    "gevent": ["--worker-class", "gevent"],
+    "asgi": ["--worker-class", "asgi"],
+}
+# What a SIGKILL may take: gevent and gunicorn's asgi worker accept as many as clients send.
+HELD = {**HELD_BY_WORKERS, "gevent": HELD_BY_WORKERS["uvicorn"], "asgi": HELD_BY_WORKERS["uvicorn"]}
+
+
+@pytest.mark.parametrize("kind", list(WORKER_CLASS_ARGS))
 def test_gunicorn_primary_restarts_lose_nothing_in_worker_scope(supervisor, app_env: dict[str, str],
                                                                  kind: str) -> None:
-    args = ["--workers", "2"]
-    app = "wsgi_app:app"
-    if kind == "gthread":
-        args += ["--worker-class", "gthread", "--threads", "2", "--worker-connections", "2"]
-    if kind == "uvicorn-rs":
-        args += ["--worker-class", "reuseport_standby.gunicorn_workers.UvicornWorker"]
-        app = "asgi_app:app"
+    args = ["--workers", "2", *WORKER_CLASS_ARGS[kind]]
+    app = "asgi_app:app" if kind in ("uvicorn", "asgi") else "wsgi_app:app"
     sup = supervisor()
     standby = gunicorn(sup, "standby", app_env, *args, app=app).start().wait_active()
     primary = gunicorn(sup, "primary", app_env, *args, app=app).start().wait_active()
@@ -193,7 +201,7 @@ def test_gunicorn_primary_restarts_lose_nothing_in_worker_scope(supervisor, app_
     finally:
         standby.stop()
     print(f"\ngunicorn {kind}, worker scope: {report}")
-    check_faults(report, HELD_BY_WORKERS["uvicorn" if kind == "uvicorn-rs" else kind])
+    check_faults(report, HELD[kind])
     assert sum(report.by_kind()["term"]) == 0
 
 
