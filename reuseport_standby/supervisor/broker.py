@@ -14,6 +14,7 @@ against an in-memory stand-in in the fast tests.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
@@ -36,6 +37,35 @@ from .registry import Instance, Progress, Registry
 log = logging.getLogger("reuseport_standby.supervisor")
 
 Reply = tuple[dict[str, Any], list[int]]
+
+
+
+def listen_error(address: Address, exc: OSError) -> ReuseportStandbyError:
+    """Why the supervisor cannot listen on ``address``, told apart by what sock_diag shows on the port.
+
+    EADDRINUSE has two causes with different fixes: the port's listeners belong to another uid (a
+    reuseport group admits sockets of one owner uid only), or a socket of ours holds it without
+    SO_REUSEPORT.
+    """
+    head = f"cannot listen on {address}: {exc.strerror}. "
+    if exc.errno == errno.EADDRINUSE:
+        try:
+            owners = sorted({q.uid for q in diag.listeners((address.family,)).values() if q.port == address.port})
+        except OSError:
+            owners = []
+        others = [uid for uid in owners if uid != os.geteuid()]
+        if others:
+            return ReuseportStandbyError(
+                head + f"Its listening sockets belong to uid {', '.join(map(str, others))} and this supervisor runs "
+                f"as uid {os.geteuid()}: the kernel admits one owner uid per port's reuseport group. Stop that "
+                f"process, or run the supervisor as the same user as before", see="uid-mismatch-in-the-reuseport-group")
+        return ReuseportStandbyError(
+            head + "Another process holds this port without SO_REUSEPORT (or a bound socket that does not listen); "
+            "stop it first", see="port-held-by-a-socket-without-so_reuseport")
+    if exc.errno == errno.EACCES:
+        return ReuseportStandbyError(head + "Binding a port below 1024 needs CAP_NET_BIND_SERVICE",
+                                     see="missing-privileges")
+    return ReuseportStandbyError(head.rstrip(". ") + "; check the address", see="cannot-listen-on-the-address")
 
 
 class GroupMaps(Protocol):
@@ -116,11 +146,7 @@ class Broker:
             anchor = create_listener(address, self.backlog)
         except OSError as exc:
             group.close()
-            raise ReuseportStandbyError(
-                f"cannot listen on {address}: {exc.strerror}. "
-                + ("Another process holds this port without SO_REUSEPORT, or as another user; stop it first."
-                   if exc.errno == 98 else
-                   "Binding a port below 1024 needs CAP_NET_BIND_SERVICE." if exc.errno == 13 else "")) from exc
+            raise listen_error(address, exc) from None
         # Attach after listen(): attaching first would make the anchor a group of its own.  The anchor
         # is the one member never locked (SO_LOCK_FILTER): it never leaves this process.
         group.attach(anchor)
@@ -202,7 +228,7 @@ class Broker:
             for s in created:
                 s.close()
             inst.role = None
-            raise ReuseportStandbyError(f"could not create a listener: {exc}") from exc
+            raise ReuseportStandbyError(f"could not create a listener: {exc}", see="cannot-listen-on-the-address") from exc
         for address, sock in zip(self.addresses, created):
             inst.pending[address] = sock
             inst.cookies[address] = socket_cookie(sock)
