@@ -160,6 +160,7 @@ def test_port_held_without_so_reuseport_names_its_section() -> None:
     assert message.endswith("(see docs/troubleshooting.md#port-held-by-a-socket-without-so_reuseport)")
 
 
+@pytest.mark.kernel  # needs root, to run a process as nobody
 def test_port_of_another_uid_names_the_uid_section(nobody_python: list[str]) -> None:
     """A SO_REUSEPORT listener of user nobody holds the port; ours (root) cannot join its group."""
     from reuseport_standby.kernel.sockets import Address, create_listener
@@ -201,3 +202,20 @@ def test_no_supervisor_names_its_section(tmp_path: Path) -> None:
                         "--control", str(tmp_path / "none.sock")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 3, r.stderr
     assert r.stderr.count("\n") == 1 and "#supervisor-not-running" in r.stderr, r.stderr
+
+
+def test_old_kernel_warns_and_names_its_section(pin_root: Path) -> None:
+    """The kernel's uname says 2.6 (``setarch --uname-2.6``, a real personality flag): the program loads
+    as plain SELECT on this kernel, with the warning that names its section."""
+    import os
+
+    if not shutil.which("setarch"):
+        pytest.skip("needs setarch (util-linux)")
+    code = ("import logging, sys; logging.basicConfig()\n"
+            "from reuseport_standby.kernel.group import Group\n"
+            "with Group.open(sys.argv[1]) as g: print('migrate', g.migrate)")
+    r = subprocess.run(["setarch", os.uname().machine, "--uname-2.6", sys.executable, "-c", code,
+                        str(pin_root / "old-kernel")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "migrate False" in r.stdout, r.stdout + r.stderr
+    assert "is older than 5.14: no listener migration" in r.stderr, r.stderr
+    assert "(see docs/troubleshooting.md#kernel-older-than-514)" in r.stderr, r.stderr
