@@ -219,3 +219,48 @@ def test_old_kernel_warns_and_names_its_section(pin_root: Path) -> None:
     assert r.returncode == 0 and "migrate False" in r.stdout, r.stdout + r.stderr
     assert "is older than 5.14: no listener migration" in r.stderr, r.stderr
     assert "(see docs/troubleshooting.md#kernel-older-than-514)" in r.stderr, r.stderr
+
+
+def test_bcc_without_headers_names_its_section(pin_root: Path, short_tmp: Path) -> None:
+    """BCC installed, but no headers for the running kernel (it reports 2.6 under ``setarch``): the
+    supervisor refuses in one line that names the section, before compiling anything."""
+    import os
+
+    from conftest import free_port, require_bcc
+
+    require_bcc()
+    if not shutil.which("setarch"):
+        pytest.skip("needs setarch (util-linux)")
+    code = "import sys; from reuseport_standby.cli import main; sys.exit(main(sys.argv[1:]))"
+    r = subprocess.run(["setarch", os.uname().machine, "--uname-2.6", sys.executable, "-c", code, "supervise",
+                        "--service", "hdr", "--bind", f"127.0.0.1:{free_port()}", "--loader", "bcc",
+                        "--pin-root", str(pin_root), "--control", str(short_tmp / "c.sock")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    (line,) = [l for l in r.stderr.splitlines() if l.startswith("reuseport-standby: ")]
+    assert "BCC compiles against kernel headers" in line and "linux-headers" in line, line
+    assert line.endswith("(see docs/troubleshooting.md#bcc-module-or-kernel-headers-missing)"), line
+
+
+def test_slots_full_reaches_the_instance_with_its_section(control_plane) -> None:
+    """Relayed by the supervisor as an error reply, the message keeps its pointer, once."""
+    from reuseport_standby.client import InstanceClient
+
+    sup = control_plane()
+    clients = []
+    try:
+        for _ in range(32):
+            c = InstanceClient("standby", sup.service, control=sup.control, reconnect=False)
+            for s in c.open():
+                s.close()
+            c.ready()
+            clients.append(c)
+        extra = InstanceClient("standby", sup.service, control=sup.control, reconnect=False)
+        with pytest.raises(ProtocolError) as err:
+            extra.open()
+    finally:
+        for c in clients:
+            c.close()
+    message = str(err.value)
+    assert message.startswith("all 32 standby slots of ") and message.count("(see ") == 1, message
+    assert message.endswith("(see docs/troubleshooting.md#slots-full)"), message
