@@ -264,3 +264,23 @@ def test_slots_full_reaches_the_instance_with_its_section(control_plane) -> None
     message = str(err.value)
     assert message.startswith("all 32 standby slots of ") and message.count("(see ") == 1, message
     assert message.endswith("(see docs/troubleshooting.md#slots-full)"), message
+
+
+def test_a_client_in_time_wait_on_the_port_names_the_port_section() -> None:
+    """An outgoing connection that had the port as its local port, closed first by the client, sits in
+    TIME-WAIT; the kernel keeps a listener off the port meanwhile.  The message says so."""
+    from reuseport_standby.kernel.sockets import Address, create_listener
+    from reuseport_standby.supervisor.broker import listen_error
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        client = socket.create_connection(server.getsockname())
+        address = Address("127.0.0.1", client.getsockname()[1])
+        accepted, _ = server.accept()
+        client.close()  # the client's side, holding the port, enters TIME-WAIT
+        accepted.close()
+    with pytest.raises(OSError) as bind:
+        create_listener(address).close()
+    message = str(listen_error(address, bind.value))
+    assert "TIME-WAIT" in message and message.endswith("#port-held-by-a-socket-without-so_reuseport)"), message

@@ -60,8 +60,8 @@ def listen_error(address: Address, exc: OSError) -> ReuseportStandbyError:
                 f"as uid {os.geteuid()}: the kernel admits one owner uid per port's reuseport group. Stop that "
                 f"process, or run the supervisor as the same user as before", see="uid-mismatch-in-the-reuseport-group")
         return ReuseportStandbyError(
-            head + "Another process holds this port without SO_REUSEPORT (or a bound socket that does not listen); "
-            "stop it first", see="port-held-by-a-socket-without-so_reuseport")
+            head + "Another process holds this port without SO_REUSEPORT, or a connection uses it as its local port "
+            "(TIME-WAIT included); stop it first, or serve a port outside the ephemeral range", see="port-held-by-a-socket-without-so_reuseport")
     if exc.errno == errno.EACCES:
         return ReuseportStandbyError(head + "Binding a port below 1024 needs CAP_NET_BIND_SERVICE",
                                      see="missing-privileges")
