@@ -57,7 +57,8 @@ def connect(path: str, timeout: float = 0.0) -> socket.socket:
         except PermissionError:
             sock.close()
             raise SupervisorUnavailable(
-                f"no permission to connect to {path}: run the app as a member of the supervisor's --group") from None
+                f"no permission to connect to {path}: run the app as a member of the supervisor's --group",
+                see="control-socket-permissions") from None
 
 
 def request(sock: socket.socket, msg: dict[str, Any], fds: list[int] | None = None,

@@ -84,17 +84,19 @@ class WithStandby:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ReuseportStandbyError(f"'reuseport-standby run' exited ({self.proc.returncode}); see {self.log.name}")
+                raise ReuseportStandbyError(f"'reuseport-standby run' exited ({self.proc.returncode}); its log: {self.log.name}",
+                                            see="the-demo-fails")
             roles = {i["role"] for i in self._instances() if i["state"] == "active"}
             if roles == {"primary", "standby"}:
                 return
             time.sleep(0.1)
-        raise ReuseportStandbyError(f"primary and standby not both active within {timeout} s; see {self.log.name}")
+        raise ReuseportStandbyError(f"primary and standby not both active within {timeout} s; its log: {self.log.name}",
+                                    see="the-demo-fails")
 
     def primary_pid(self) -> int:
         pids = [i["pid"] for i in self._instances() if i["role"] == "primary" and i["state"] == "active"]
         if not pids:
-            raise ReuseportStandbyError("no active primary to restart")
+            raise ReuseportStandbyError("no active primary to restart", see="the-demo-fails")
         return pids[0]
 
     def term_primary(self) -> None:
@@ -153,7 +155,7 @@ class PlainReuseport:
             else:
                 time.sleep(0.05)
         if seen != {"primary", "standby"}:
-            raise ReuseportStandbyError(f"baseline instances did not both answer; see {self.log.name}")
+            raise ReuseportStandbyError(f"baseline instances did not both answer; their log: {self.log.name}", see="the-demo-fails")
 
     def _restart(self, role: str, sig: int) -> None:
         old = self.procs[role]

@@ -81,6 +81,8 @@ class ConfigurationError(ReuseportStandbyError, RuntimeError):
     A RuntimeError so that gunicorn prints just the message and exits 1.
     """
 
+    see = "instance-settings-refused"
+
 
 @dataclass(frozen=True)
 class Settings:

@@ -115,7 +115,7 @@ def require_client() -> None:
         import prometheus_client  # noqa: F401
     except ImportError:
         raise ReuseportStandbyError("--metrics needs prometheus_client: pip install 'reuseport-standby[metrics]', "
-                                    "or drop --metrics") from None
+                                    "or drop --metrics", see="metrics") from None
 
 
 def serve(sup: "Supervisor", address: Address) -> object:
@@ -130,6 +130,6 @@ def serve(sup: "Supervisor", address: Address) -> object:
         server, _thread = start_http_server(address.port, addr=address.host, registry=registry)
     except OSError as exc:
         raise ReuseportStandbyError(f"--metrics {address}: cannot listen there ({exc.strerror or exc}); "
-                                    f"pick a free address or drop --metrics") from None
+                                    f"pick a free address or drop --metrics", see="metrics") from None
     log.info("metrics on http://%s/metrics", address)
     return server

@@ -261,7 +261,7 @@ def listen_unix(path: str, what: str, backlog: int = 64) -> socket.socket:
         raise ReuseportStandbyError(
             f"refusing to listen at {path}: its directory {directory} {problem}, so another user could replace the "
             f"socket. Use a directory that only root (or this user) may write, e.g. the default {CONTROL_DIR}, "
-            f"or fix it (chown root {directory}; chmod go-w {directory})")
+            f"or fix it (chown root {directory}; chmod go-w {directory})", see="path-refused")
     try:
         node = os.lstat(path)
     except FileNotFoundError:
@@ -270,14 +270,15 @@ def listen_unix(path: str, what: str, backlog: int = 64) -> socket.socket:
         if not stat.S_ISSOCK(node.st_mode):
             kind = "a symbolic link" if stat.S_ISLNK(node.st_mode) else "not a socket"
             raise ReuseportStandbyError(f"{path} exists and is {kind}: not touched. Remove it if it is not needed, "
-                                        f"or pass another --control path")
+                                        f"or pass another --control path", see="path-refused")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             probe.connect(path)
         except OSError:
             os.unlink(path)  # a stale socket (unlink never follows a link; that one was a socket)
         else:
-            raise ReuseportStandbyError(f"another {what} already serves {path}; stop it first or pass another --control path")
+            raise ReuseportStandbyError(f"another {what} already serves {path}; stop it first or pass another --control path",
+                                        see="another-supervisor-serves-this-service")
         finally:
             probe.close()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -289,7 +290,7 @@ def listen_unix(path: str, what: str, backlog: int = 64) -> socket.socket:
             os.umask(old_umask)
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise ReuseportStandbyError(f"{path} was replaced right after it was bound (it is no socket now): someone "
-                                        f"with write access to {directory} is at work; not touched")
+                                        f"with write access to {directory} is at work; not touched", see="path-refused")
         server.listen(backlog)
         server.setblocking(False)
     except BaseException:

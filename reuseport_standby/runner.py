@@ -161,6 +161,8 @@ def child_env() -> dict[str, str]:
 class InstanceFailed(ReuseportStandbyError):
     """A new instance exited or did not become ready in time."""
 
+    see = "an-instance-does-not-become-ready"
+
 
 @dataclass
 class Managed:
@@ -356,7 +358,8 @@ class Runner:
         while True:
             assert sup.pidfd is not None
             if has_exited(sup.pidfd):
-                raise ReuseportStandbyError(f"the supervisor exited with status {sup.reap()} (see its log above)")
+                raise ReuseportStandbyError(f"the supervisor exited with status {sup.reap()}: its log above says why",
+                                            see="supervisor-not-running")
             if sup.ping(timeout=1.0) is None:
                 sup.state, sup.next_ping = "up", time.monotonic() + PING_INTERVAL
                 return

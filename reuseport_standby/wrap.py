@@ -23,6 +23,8 @@ from typing import Sequence
 
 from .errors import ReuseportStandbyError
 
+_RUN = "run-cannot-start-the-command"  # the troubleshooting section of these refusals
+
 log = logging.getLogger(__name__)
 
 OUR_GUNICORN_CONFIG = "python:reuseport_standby.conf"
@@ -51,7 +53,7 @@ def _kind(cmd: Sequence[str]) -> tuple[str, int]:
         return cmd[2], 3
     raise ReuseportStandbyError(
         f"don't know how to run {cmd[0]!r} as an instance: the command must start with 'gunicorn' or 'uvicorn' "
-        f"(or 'python -m gunicorn|uvicorn')")
+        f"(or 'python -m gunicorn|uvicorn')", see=_RUN)
 
 
 # Options that name addresses: under `run` the supervisor owns the addresses (--bind).
@@ -89,16 +91,16 @@ def check_command(cmd: Sequence[str]) -> None:
         import importlib.util
 
         if importlib.util.find_spec("uvicorn") is None:
-            raise ReuseportStandbyError(f"uvicorn is not installed for {sys.executable}")
+            raise ReuseportStandbyError(f"uvicorn is not installed for {sys.executable}", see=_RUN)
         return
     prog = cmd[0] if first == 1 else None
     if prog is not None and _gunicorn_program(prog) is None:
-        raise ReuseportStandbyError(f"{prog!r} not found (not in {os.path.dirname(sys.executable)} nor on PATH)")
+        raise ReuseportStandbyError(f"{prog!r} not found (not in {os.path.dirname(sys.executable)} nor on PATH)", see=_RUN)
     if first != 1 and not shutil.which(cmd[0]):
-        raise ReuseportStandbyError(f"{cmd[0]!r} not found on PATH")
+        raise ReuseportStandbyError(f"{cmd[0]!r} not found on PATH", see=_RUN)
     user, _ = _pop_config(list(cmd[first:]))
     if user is not None and not user.startswith("python:") and not os.path.isfile(user):
-        raise ReuseportStandbyError(f"gunicorn config {user!r} not found")
+        raise ReuseportStandbyError(f"gunicorn config {user!r} not found", see=_RUN)
 
 
 def _gunicorn_program(prog: str) -> str | None:
@@ -158,7 +160,7 @@ def write_composed_config(user: str, workdir: str | None = None) -> str:
     else:
         path = os.path.abspath(user)
         if not os.path.isfile(path):
-            raise ReuseportStandbyError(f"gunicorn config {user!r} not found")
+            raise ReuseportStandbyError(f"gunicorn config {user!r} not found", see=_RUN)
         loader = f"import runpy as _runpy\n_user = _runpy.run_path({path!r})"
         source = path
     from .gunicorn import HOOKS  # the hooks our config sets: compose exactly those

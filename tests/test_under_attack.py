@@ -454,7 +454,7 @@ def test_a_reload_reply_longer_than_one_message_reaches_reload(reload_socket) ->
     runner.reload = lambda: (_ for _ in ()).throw(InstanceFailed(why))
     with pytest.raises(ProtocolError) as err:
         request_reload("svc", control, timeout=10)
-    assert err.value.code == "rolled_back" and str(err.value) == why
+    assert err.value.code == "rolled_back" and str(err.value) == str(InstanceFailed(why))  # whole, with its pointer
 
 
 def test_the_reload_socket_answers_what_it_cannot_use(reload_socket) -> None:

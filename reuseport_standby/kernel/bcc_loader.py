@@ -30,6 +30,8 @@ from ..errors import BpfUnavailable, IncompatiblePins, PermissionProblem
 from .layout import CONFIG_SIZE, NR_COUNTERS, NR_SLOTS
 from .pins import MAP_NAMES, PROG_NAME
 
+_BCC = "bcc-module-or-kernel-headers-missing"  # the troubleshooting section of the BCC loader's failures
+
 log = logging.getLogger(__name__)
 
 BPF_PROG_TYPE_SK_REUSEPORT = 21
@@ -59,11 +61,11 @@ def import_bcc() -> ModuleType:
             try:
                 return importlib.import_module("bcc")
             except ImportError as exc:
-                raise BpfUnavailable(f"BCC at {d} does not import in this Python: {exc}") from exc
+                raise BpfUnavailable(f"BCC at {d} does not import in this Python: {exc}", see=_BCC) from exc
             finally:
                 sys.path.remove(d)
     raise BpfUnavailable("the BCC loader needs BCC's Python module: 'apt-get install python3-bpfcc' on Debian/Ubuntu "
-                         "('dnf install python3-bcc' on Fedora/RHEL), or use the default libbpf loader")
+                         "('dnf install python3-bcc' on Fedora/RHEL), or use the default libbpf loader", see=_BCC)
 
 
 def headers_problem() -> str | None:
@@ -128,10 +130,10 @@ def load(lib: _libbpf.LibBpf, pin_dir: Path, *, migrate: bool,
     bcc = import_bcc()
     problem = headers_problem()
     if problem:
-        raise BpfUnavailable(problem)
+        raise BpfUnavailable(problem, see=_BCC)
     src = Path(source) if source else packaged_source()
     if not src.is_file():
-        raise BpfUnavailable(f"BPF source {src} not found")
+        raise BpfUnavailable(f"BPF source {src} not found", see=_BCC)
     fds = open_maps(lib, pin_dir)
     include = src.resolve().parent
     cflags = [f"-I{include}", f"-I{packaged_source().resolve().parent}", "-DRS_BCC",
@@ -150,7 +152,8 @@ def load(lib: _libbpf.LibBpf, pin_dir: Path, *, migrate: bool,
                 failure = None
         if failure is not None:
             text = diagnostics[0].strip() if diagnostics else ""
-            raise BpfUnavailable(f"BCC could not compile or load {src}: {failure}" + (f"\n{text[-4000:]}" if text else ""))
+            raise BpfUnavailable(f"BCC could not compile or load {src}: {failure}" + (f"\n{text[-4000:]}" if text else ""),
+                                 see=_BCC)
     except BaseException:
         for fd in fds.values():
             os.close(fd)

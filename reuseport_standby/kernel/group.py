@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import bcc_loader, libbpf_loader
 from . import libbpf as _libbpf
-from ..errors import IncompatiblePins, PermissionProblem
+from ..errors import IncompatiblePins, PermissionProblem, see_doc
 from .layout import CONFIG_SIZE, LAYOUT_VERSION, NR_SLOTS, Config, Counter
 from .libbpf_loader import kernel_version
 from .pins import MAP_NAMES, make_pin_dir, prog_pin_name
@@ -87,7 +87,8 @@ class Group:
             if not migrate:
                 log.warning(
                     "kernel %s is older than 5.14: no listener migration; queued connections of a closing "
-                    "instance will be reset. Upgrade the kernel for lossless restarts.", platform.release())
+                    "instance will be reset. Upgrade the kernel for lossless restarts (%s).", platform.release(),
+                    see_doc("kernel-older-than-514"))
         lib = _libbpf.load()
         pin_dir = Path(pin_dir)
         make_pin_dir(pin_dir, mount_bpffs=mount_bpffs)
@@ -151,13 +152,14 @@ class Group:
             if S_ISLNK(st.st_mode):
                 raise PermissionProblem(
                     f"refusing to give {path} to gid {gid}: it is a symbolic link, not one of our pins (someone with "
-                    f"write access to {path.parent} put it there); remove it and start again")
+                    f"write access to {path.parent} put it there); remove it and start again", see="path-refused")
             try:
                 os.chown(path, -1, gid, follow_symlinks=False)
             except PermissionError:
                 raise PermissionProblem(
                     f"cannot give the pins at {path} to gid {gid}: without CAP_CHOWN the supervisor can only hand "
-                    f"files to a group it belongs to (systemd: SupplementaryGroups=; Kubernetes: fsGroup)") from None
+                    f"files to a group it belongs to (systemd: SupplementaryGroups=; Kubernetes: fsGroup)",
+                    see="control-socket-permissions") from None
             chmod(path, 0o750 if S_ISDIR(st.st_mode) else 0o640)
         # The pin root above the service (ours, e.g. /sys/fs/bpf/reuseport_standby) was created under
         # the supervisor's umask (0077 in the systemd unit): members need to pass through it.

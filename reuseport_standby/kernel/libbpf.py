@@ -199,20 +199,49 @@ def _oserror(err: int, what: str) -> OSError:
     return OSError(err, f"{what}: {os.strerror(err)}")
 
 
+#: libbpf 1.0 made -errno the only error convention of its low-level calls, which ``check`` relies on;
+#: 0.x (Ubuntu 22.04's libbpf0 is 0.5) returns -1 and leaves errno, and lacks bpf_map_create before 0.7.
+MIN_VERSION = (1, 0)
+
+
 @lru_cache(maxsize=1)
 def load() -> LibBpf:
-    """Open the system libbpf once per process."""
+    """Open the system libbpf once per process; one too old is refused by name, never half used."""
     candidates = ["libbpf.so.1", "libbpf.so.0"]
     found = ctypes.util.find_library("bpf")
     if found and found not in candidates:
         candidates.append(found)
-    errors = []
+    errors, old = [], []
     for name in candidates:
         try:
-            return LibBpf(ctypes.CDLL(name, use_errno=True), name)
-        except (OSError, AttributeError) as exc:
+            handle = ctypes.CDLL(name, use_errno=True)
+        except OSError as exc:
             errors.append(f"{name}: {exc}")
+            continue
+        version = _version_of(handle)
+        if version is None or version < MIN_VERSION:
+            old.append(f"{name} is libbpf {'older than 0.6' if version is None else '%d.%d' % version}")
+            continue
+        try:
+            return LibBpf(handle, name)
+        except AttributeError as exc:
+            errors.append(f"{name}: {exc}")
+    if old:
+        raise BpfUnavailable(
+            f"the system libbpf is too old ({'; '.join(old)}); 1.0 or later is needed. Install libbpf1: "
+            "'apt-get install libbpf1' (Debian 12 has 1.1), 'dnf install libbpf' on Fedora/RHEL",
+            see="libbpf-missing-or-too-old")
     raise BpfUnavailable(
         "libbpf was not found (" + "; ".join(errors) + "). Install it: "
-        "'apt-get install libbpf1' on Debian/Ubuntu, 'dnf install libbpf' on Fedora/RHEL."
-    )
+        "'apt-get install libbpf1' on Debian/Ubuntu, 'dnf install libbpf' on Fedora/RHEL",
+        see="libbpf-missing-or-too-old")
+
+
+def _version_of(handle: ctypes.CDLL) -> tuple[int, int] | None:
+    """(major, minor) of an opened libbpf; None before 0.6, which had no version call."""
+    try:
+        major, minor = handle.libbpf_major_version, handle.libbpf_minor_version
+    except AttributeError:
+        return None
+    major.restype = minor.restype = ctypes.c_uint32
+    return int(major()), int(minor())

@@ -42,11 +42,11 @@ def _opened(lib: _libbpf.LibBpf, obj_path: str, pin_dir: Path, migrate: bool, lo
     try:
         obj = lib.open_object(obj_path, str(pin_dir), logbuf, log_level=log_level)
     except OSError as exc:
-        raise BpfUnavailable(f"cannot open BPF object {obj_path}: {exc.strerror}") from exc
+        raise BpfUnavailable(f"cannot open BPF object {obj_path}: {exc.strerror}", see=_LOAD) from exc
     try:
         prog = lib.lib.bpf_object__find_program_by_name(obj, PROG_NAME.encode())
         if not prog:
-            raise BpfUnavailable(f"{obj_path} has no program named {PROG_NAME}")
+            raise BpfUnavailable(f"{obj_path} has no program named {PROG_NAME}", see=_LOAD)
         attach = _libbpf.BPF_SK_REUSEPORT_SELECT_OR_MIGRATE if migrate else _libbpf.BPF_SK_REUSEPORT_SELECT
         lib.check(lib.lib.bpf_program__set_expected_attach_type(prog, attach), "set attach type")
         yield obj, prog
@@ -70,11 +70,12 @@ def load(lib: _libbpf.LibBpf, obj_path: str, pin_dir: Path, migrate: bool) -> tu
         for name in MAP_NAMES:
             m = lib.lib.bpf_object__find_map_by_name(obj, name.encode())
             if not m:
-                raise BpfUnavailable(f"{obj_path} has no map named {name}")
+                raise BpfUnavailable(f"{obj_path} has no map named {name}", see=_LOAD)
             map_fds[name] = os.dup(lib.check(lib.lib.bpf_map__fd(m), f"{name} fd"))
         return prog_fd, map_fds
 
 
+_LOAD = "the-program-does-not-load"  # the troubleshooting section of a failed load
 _LOG_SIZE = 64 * 1024  # 6.4+ keep the end of a longer log; before, the errors-only retry below
 
 
@@ -98,15 +99,16 @@ def _load_error(err: int, obj_path: str, pin_dir: Path, verifier_log: str) -> Ex
             "kernels before 5.11")
     if err in (errno.EACCES, errno.E2BIG, errno.ENOSPC) and verifier_log.strip():
         return BpfUnavailable(f"the kernel's verifier rejected {obj_path} ({os.strerror(err)}); its last lines:\n"
-                              f"{verifier_tail(verifier_log)}\n{_privilege_hint()}")
+                              f"{verifier_tail(verifier_log)}\n{_privilege_hint()}", see=_LOAD)
     if err == errno.EINVAL and any((pin_dir / n).exists() for n in MAP_NAMES):
         return IncompatiblePins(
             f"the maps pinned at {pin_dir} do not match this version's program ({os.strerror(err)}); "
             f"stop this service's instances and supervisor, remove {pin_dir}, and start again")
     if err == errno.EINVAL and kernel_version() < (4, 19):
-        return BpfUnavailable(f"kernel {platform.release()} has no REUSEPORT_SOCKARRAY (needs 4.19+; 5.14+ for migration)")
+        return BpfUnavailable(f"kernel {platform.release()} has no REUSEPORT_SOCKARRAY (needs 4.19+; 5.14+ for migration)",
+                              see="kernel-older-than-514")
     detail = f"; the verifier's last lines:\n{verifier_tail(verifier_log)}" if verifier_log.strip() else ""
-    return BpfUnavailable(f"loading {obj_path} failed: {os.strerror(err)}{detail}")
+    return BpfUnavailable(f"loading {obj_path} failed: {os.strerror(err)}{detail}", see=_LOAD)
 
 
 def verifier_tail(verifier_log: str, lines: int = 25) -> str:

@@ -71,12 +71,13 @@ def check_bpffs(pin_root: str, *, mount: bool = False) -> None:
             log.info("mounted bpffs at %s (mode 0700)", bpffs)
             return
         err = ctypes.get_errno()
-        raise PermissionProblem(f"could not mount bpffs at {bpffs}: {os.strerror(err)}; run 'mount -t bpf bpf {bpffs}' as root")
+        raise PermissionProblem(f"could not mount bpffs at {bpffs}: {os.strerror(err)}; run 'mount -t bpf bpf {bpffs}' as root",
+                                see="bpffs-not-mounted")
     raise BpfUnavailable(
         f"{pin_root} is not on a bpf filesystem, so the program and maps cannot be pinned. "
         f"Mount it: 'mount -t bpf bpf /sys/fs/bpf' (as root; add it to /etc/fstab or use "
-        f"systemd's sys-fs-bpf.mount), or pass --mount-bpffs to let the supervisor do it."
-    )
+        f"systemd's sys-fs-bpf.mount), or pass --mount-bpffs to let the supervisor do it.",
+        see="bpffs-not-mounted")
 
 
 def make_pin_dir(pin_dir: Path, *, mount_bpffs: bool = False, top: Path | None = None, trusted: bool = False) -> None:
@@ -127,7 +128,7 @@ def _mkdir(path: Path, mode: int) -> None:
         raise PermissionProblem(
             f"cannot create pin directory {path}: {exc.strerror}. Under systemd, the unit must make that "
             f"directory writable: ReadWritePaths=/sys/fs/bpf/reuseport_standby/SERVICE (not /sys/fs/bpf itself, "
-            f"which ProtectKernelTunables= keeps read-only; see examples/systemd/)") from exc
+            f"which ProtectKernelTunables= keeps read-only; see examples/systemd/)", see="bpffs-not-mounted") from exc
 
 
 def remove_made(paths: list[Path]) -> None:
@@ -163,9 +164,10 @@ def bpffs_mount_point(path: Path) -> Path:
             if os.path.islink(cur) or not os.path.ismount(cur):
                 raise PermissionProblem(
                     f"{cur} leads into bpffs but is not where bpffs is mounted (a symbolic link, or a directory "
-                    f"inside it): pass --pin-root as a real path below the bpffs mount (e.g. under /sys/fs/bpf)")
+                    f"inside it): pass --pin-root as a real path below the bpffs mount (e.g. under /sys/fs/bpf)",
+                    see="path-refused")
             return cur
-    raise BpfUnavailable(f"{path} is not on a bpf filesystem")
+    raise BpfUnavailable(f"{path} is not on a bpf filesystem", see="bpffs-not-mounted")
 
 
 def check_trusted_dir(path: Path, st: os.stat_result) -> None:
@@ -190,11 +192,13 @@ def check_trusted_dir(path: Path, st: os.stat_result) -> None:
         f"refusing the pin directory {path}: it {problem}, so another user could redirect or replace the pins. "
         f"If you did not create it, find out who did; then remove it (the supervisor recreates it, root's, mode "
         f"0700), or make it root's and not writable by others (chown root {path}; chmod go-w {path}), or pass "
-        f"another --pin-root")
+        f"another --pin-root", see="path-refused")
 
 
 class ServiceLocked(ReuseportStandbyError):
     """Another process holds the service's lock: another supervisor of the same service runs."""
+
+    see = "another-supervisor-serves-this-service"
 
     def __init__(self, message: str, holder: int | None) -> None:
         super().__init__(message)

@@ -107,19 +107,6 @@ def listens_on(listener: object, address: Address) -> bool:
     return ipaddress.ip_address(host) == ipaddress.ip_address(address.host.partition("%")[0])
 
 
-def listen_problem(address: Address, exc: OSError) -> str:
-    """Why ``address`` cannot be served, and what to do, from the error of bind() or listen()."""
-    hint = {
-        errno.EADDRINUSE: "Another process holds this port without SO_REUSEPORT, or as another user "
-                          f"(see: ss -ltnp 'sport = :{address.port}'); stop it first, or choose another port.",
-        errno.EACCES: "Binding a port below 1024 needs CAP_NET_BIND_SERVICE (root has it).",
-        errno.EADDRNOTAVAIL: "It is not an address of this host (see: ip -brief address).",
-        errno.EINVAL: "A link-local IPv6 address needs its interface, e.g. [fe80::1%eth0]:PORT.",
-        errno.ENODEV: "No network interface has that name (see: ip -brief link).",
-    }.get(exc.errno or 0, "")
-    return f"cannot listen on {address}: {exc.strerror or exc}. {hint}".rstrip()
-
-
 SO_LOCK_FILTER = 44
 SO_DETACH_REUSEPORT_BPF = 68
 

@@ -14,6 +14,7 @@ against an in-memory stand-in in the fast tests.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
@@ -26,8 +27,8 @@ from .. import protocol
 from ..errors import ProtocolError, ReuseportStandbyError
 from ..kernel import diag
 from ..kernel.layout import FLAG_SWAP_ROLES, PARKING_SLOT, Config
-from ..kernel.sockets import (Address, bind_reuseport, create_listener, is_listening_tcp, listen_problem, listens_on,
-                              lock_filter, requeue, socket_cookie)
+from ..kernel.sockets import (Address, bind_reuseport, create_listener, is_listening_tcp, listens_on, lock_filter,
+                              requeue, socket_cookie)
 from ..names import Role, Scope, State
 from . import handover, health, slots
 from .integrity import ProgramWatch, anchor_allowance
@@ -37,6 +38,41 @@ from .registry import Instance, Progress, Registry
 log = logging.getLogger("reuseport_standby.supervisor")
 
 Reply = tuple[dict[str, Any], list[int]]
+
+
+
+def listen_error(address: Address, exc: OSError) -> ReuseportStandbyError:
+    """Why the supervisor cannot listen on ``address``, told apart by what sock_diag shows on the port.
+
+    EADDRINUSE has two causes with different fixes: the port's listeners belong to another uid (a
+    reuseport group admits sockets of one owner uid only), or a socket of ours holds it without
+    SO_REUSEPORT.
+    """
+    head = f"cannot listen on {address}: {exc.strerror}. "
+    if exc.errno == errno.EADDRINUSE:
+        try:
+            owners = sorted({q.uid for q in diag.listeners((address.family,)).values() if q.port == address.port})
+        except OSError:
+            owners = []
+        others = [uid for uid in owners if uid != os.geteuid()]
+        if others:
+            return ReuseportStandbyError(
+                head + f"Its listening sockets belong to uid {', '.join(map(str, others))} and this supervisor runs "
+                f"as uid {os.geteuid()}: the kernel admits one owner uid per port's reuseport group. Stop that "
+                f"process, or run the supervisor as the same user as before", see="uid-mismatch-in-the-reuseport-group")
+        return ReuseportStandbyError(
+            head + "Another process holds this port without SO_REUSEPORT, or a connection uses it as its local port "
+            "(TIME-WAIT included; ss -tanp 'sport = :%d' shows it); stop it first, or serve a port outside the ephemeral range"
+            % address.port, see="port-held-by-a-socket-without-so_reuseport")
+    if exc.errno == errno.EACCES:
+        return ReuseportStandbyError(head + "Binding a port below 1024 needs CAP_NET_BIND_SERVICE",
+                                     see="missing-privileges")
+    hint = {
+        errno.EADDRNOTAVAIL: "It is not an address of this host: ip -brief address lists them",
+        errno.EINVAL: "A link-local IPv6 address needs its interface, e.g. [fe80::1%eth0]:PORT",
+        errno.ENODEV: "No network interface has that name: ip -brief link lists them",
+    }.get(exc.errno or 0, "Check the address")
+    return ReuseportStandbyError(head + hint, see="cannot-listen-on-the-address")
 
 
 class GroupMaps(Protocol):
@@ -127,7 +163,7 @@ class Broker:
         try:
             sock = bind_reuseport(address)
         except OSError as exc:
-            raise ReuseportStandbyError(listen_problem(address, exc)) from None
+            raise listen_error(address, exc) from None
         if not self.may_adopt(address):
             theirs = [q for q in self.queues().values() if listens_on(q, address)]
             if theirs:
@@ -137,7 +173,7 @@ class Broker:
                     f"{', '.join(sorted({str(q.uid) for q in theirs}))} already listen there, and this service has "
                     f"no pins for it (another service, another server, or instances left from before this "
                     f"service's pins were removed). Joining their group would take it over: stop them "
-                    f"(ss -ltnp 'sport = :{address.port}'), or choose another port")
+                    f"(ss -ltnp 'sport = :{address.port}'), or choose another port", see="cannot-listen-on-the-address")
         return sock
 
     def _open_address(self, address: Address, anchor: socket.socket) -> AddressState:
@@ -151,7 +187,7 @@ class Broker:
         except OSError as exc:
             anchor.close()
             group.close()
-            raise ReuseportStandbyError(listen_problem(address, exc)) from exc
+            raise listen_error(address, exc) from None
         try:
             # Attach after listen(): attaching first would make the anchor a group of its own.  The anchor
             # is the one member never locked (SO_LOCK_FILTER): it never leaves this process.
@@ -238,7 +274,7 @@ class Broker:
             for s in created:
                 s.close()
             inst.role = None
-            raise ReuseportStandbyError(f"could not create a listener: {listen_problem(address, exc)}") from exc
+            raise ReuseportStandbyError(f"could not create a listener: {listen_error(address, exc)}") from exc
         for address, sock in zip(self.addresses, created):
             inst.pending[address] = sock
             inst.cookies[address] = socket_cookie(sock)

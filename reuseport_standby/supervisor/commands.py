@@ -45,7 +45,8 @@ def check_operator(broker: "Broker", caller: Instance, op: str) -> None:
         "forbidden", f"'{op}' is an operator command and uid {caller.uid} is no operator of service {broker.service}: "
         f"only root, the supervisor's own user and members of its --admin-group may send "
         f"{', '.join(protocol.ADMIN_OPS)}. Run it as root, or add the operator's user to the --admin-group "
-        f"(start the supervisor with --admin-group GROUP if it has none); membership of --group is not enough.")
+        f"(start the supervisor with --admin-group GROUP if it has none); membership of --group is not enough.",
+        see="control-socket-permissions")
 
 
 def weight(broker: "Broker", caller: Instance, req: protocol.Request) -> dict[str, Any]:

@@ -130,7 +130,8 @@ class Supervisor:
                 holder = "" if exc.holder is None else f"pid {exc.holder}; "
                 raise ReuseportStandbyError(
                     f"service {self.service} already has a supervisor ({holder}its control socket: {self.control_path}"
-                    f", unless it was started with another --control); stop it first, or use another --service") from None
+                    f", unless it was started with another --control); stop it first, or use another --service",
+                    see="another-supervisor-serves-this-service") from None
             self.broker.open()
             self._server = self._bind_control()
         except BaseException:

@@ -17,7 +17,7 @@ import socket
 import struct
 from pathlib import Path
 
-from ..errors import ReuseportStandbyError
+from ..errors import ReuseportStandbyError, see_doc
 from ..kernel import pidfd
 
 log = logging.getLogger("reuseport_standby.supervisor")
@@ -73,7 +73,8 @@ def refusal(conn: socket.socket, pid: int, uid: int, gid: int, *, service: str, 
         return None
     group = f"group {group_name!r}" if group_name else "the supervisor's --group (none set)"
     return (f"uid {uid} may not control service {service}: only root, the supervisor's own user, or "
-            f"members of {group} may. Add the app's user to that group, or start the supervisor with --group.")
+            f"members of {group} may. Add the app's user to that group, or start the supervisor with --group "
+            f"({see_doc('control-socket-permissions')}).")
 
 
 def is_admin(conn: socket.socket, pid: int, uid: int, gid: int, admin_group: str | None) -> bool:
@@ -226,7 +227,7 @@ def give_to_group(path: str | Path, gid: int, name: str | None) -> None:
             raise ReuseportStandbyError(
                 f"refusing to give {path} to group {name or gid}: it is no longer the socket this supervisor bound "
                 f"(now {'a socket of uid %d' % st.st_uid if S_ISSOCK(st.st_mode) else 'not a socket'}); someone "
-                f"with write access to {os.path.dirname(os.path.abspath(path))} replaced it")
+                f"with write access to {os.path.dirname(os.path.abspath(path))} replaced it", see="path-refused")
         return st
 
     before = ours()
@@ -236,8 +237,9 @@ def give_to_group(path: str | Path, gid: int, name: str | None) -> None:
         raise ReuseportStandbyError(
             f"cannot give {path} to group {name or gid}: without CAP_CHOWN the supervisor can only hand files to "
             f"a group it belongs to. Add it to the group (systemd: SupplementaryGroups={name or gid}; Kubernetes: "
-            f"fsGroup) or drop --group") from None
+            f"fsGroup) or drop --group", see="control-socket-permissions") from None
     after = ours()
     if (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino):
         raise ReuseportStandbyError(f"{path} was replaced while it was given to group {name or gid}; someone with "
-                                    f"write access to {os.path.dirname(os.path.abspath(path))} is at work")
+                                    f"write access to {os.path.dirname(os.path.abspath(path))} is at work",
+                                    see="path-refused")

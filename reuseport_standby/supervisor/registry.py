@@ -17,7 +17,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from ..errors import ProtocolError
+from ..errors import ProtocolError, see_doc
 from ..kernel.layout import WORKERS_PER_INSTANCE
 from ..kernel.sockets import Address
 from ..names import Role, Scope, State
@@ -163,7 +163,8 @@ class Registry:
         if uid in self.trusted_uids or self.connections_by_uid[uid] < cap:
             return None
         return (f"uid {uid} already holds {self.connections_by_uid[uid]} control connections to service "
-                f"{service}, the most one user may (--max-connections-per-uid); close some first")
+                f"{service}, the most one user may (--max-connections-per-uid); close some first "
+                f"({see_doc('slots-full')})")
 
     def check_quota(self, inst: Instance, role: Role, parent: int | None, parent_checked: bool) -> None:
         """No uid but root (or the supervisor's own) holds more than two instances' worth of one role's slots.
@@ -182,11 +183,11 @@ class Registry:
             workers = [w for w in self.workers_of(head) if w.state.alive and w.parent_checked]
             if len(workers) >= WORKERS_PER_INSTANCE:
                 raise ProtocolError("quota", f"{head.describe()} already has {len(workers)} workers registered, the "
-                                    f"most one instance may have in worker scope ({WORKERS_PER_INSTANCE})")
+                                    f"most one instance may have in worker scope ({WORKERS_PER_INSTANCE})", see="slots-full")
             return
         held = [i for i in self._by_id.values() if i.uid == inst.uid and i.role is role and i.state.alive
                 and i is not inst and (i.parent is None or not i.parent_checked or self.head_of(i) is None)]
         if len(held) >= INSTANCES_PER_ROLE_PER_UID:
             raise ProtocolError("quota", f"uid {inst.uid} already holds {len(held)} {role.value} instances "
                                 f"({', '.join(str(i.id) for i in held)}), the most one user may (the two of a rolling "
-                                f"restart): stop one first")
+                                f"restart): stop one first", see="slots-full")
