@@ -218,7 +218,8 @@ def add_run(sub: Any) -> argparse.ArgumentParser:
     rn.add_argument("--loader", choices=("libbpf", "bcc"), default=None,
                     help="how the supervisor loads the program (see supervise --help)")
     rn.add_argument("--bpf-source", default=None, metavar="PATH", help="with --loader bcc: your own program source")
-    rn.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...")
+    rn.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...",
+                    help="the server command line, after '--': gunicorn ... or uvicorn ... (the integration is added)")
     return rn
 
 
@@ -331,7 +332,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     unexpected exception too, its traceback logged at debug level (-vv)."""
     args: argparse.Namespace | None = None
     try:
-        args = build_parser().parse_args(argv)
+        args, unknown = build_parser().parse_known_args(argv)
+        if unknown:
+            raise UsageError(f"{args.command}: unrecognized arguments: {' '.join(unknown)} "
+                             f"(see '{PROG} {args.command} --help')")
         env_errors = args.env_errors.get(args.command) or []
         if env_errors:
             raise UsageError(f"{args.command}: {env_errors[0]}")
@@ -360,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as exc:
         top = (exc.name or "").split(".")[0]
         extra = EXTRAS.get(top)
-        what = args.command if args is not None else "this command"
+        what = f"'{PROG} {args.command}'" if args is not None else PROG
         hint = f"pip install 'reuseport-standby[{extra}]'" if extra else f"install the Python module {top or exc}"
         log.debug("import failed", exc_info=True)
         _say(f"{what} needs the Python module {top or exc!s}, which cannot be imported ({exc}): {hint}")

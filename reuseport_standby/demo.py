@@ -4,7 +4,8 @@ Starts ``reuseport-standby run`` around the bundled app (Flask under
 gunicorn, or ASGI under uvicorn) on a free loopback port, drives load from
 the built-in client (a new connection per request), restarts the primary
 (SIGTERM, then SIGKILL of its main process) and does a rolling reload, then
-prints what the clients saw and draws a PNG timeline.  ``--baseline`` runs
+prints what the clients saw and draws a PNG timeline (with matplotlib; without
+it, the table says it all).  ``--baseline`` runs
 the same script against two plain ``SO_REUSEPORT`` instances with no BPF,
 to show what is otherwise lost.  Exits 0 only when nothing failed.
 """

@@ -39,13 +39,15 @@ class ReplaceAppend(argparse._AppendAction):
         setattr(namespace, self.dest, items)
 
 
-def _convert(parser: argparse.ArgumentParser, action: argparse.Action, var: str, text: str) -> Any:
+def _convert(action: argparse.Action, var: str, text: str, whole: str | None = None) -> Any:
+    """``text`` as the option would take it; ``whole``: the variable's value, for the message."""
+    shown = text if whole is None else whole
     try:
         value = action.type(text) if callable(action.type) else text
     except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:
-        raise UsageError(f"{var}={text!r}: {exc or 'invalid value'}") from None
+        raise UsageError(f"{var}={shown!r}: {exc or 'invalid value'}") from None
     if action.choices is not None and value not in action.choices:
-        raise UsageError(f"{var}={text!r}: must be one of {', '.join(map(str, action.choices))}")
+        raise UsageError(f"{var}={shown!r}: must be one of {', '.join(map(str, action.choices))}")
     return value
 
 
@@ -83,12 +85,12 @@ def apply(parser: argparse.ArgumentParser, environ: Mapping[str, str] | None = N
                     raise UsageError(f"{var}={text!r}: give 1/true/yes/on or 0/false/no/off")
                 action.default = text.lower() in TRUE
             elif isinstance(action, argparse._AppendAction):
-                values = [_convert(parser, action, var, word) for word in text.split()]
+                values = [_convert(action, var, word, text) for word in text.split()]
                 if values:
                     action.default = values
                     action.required = False
             elif text:
-                action.default = _convert(parser, action, var, text)
+                action.default = _convert(action, var, text)
                 action.required = False
         except UsageError as exc:
             errors.append(str(exc))
