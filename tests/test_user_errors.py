@@ -7,6 +7,7 @@ with ``sys.modules[name] = None`` before the CLI is imported, as if it were not 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -225,3 +226,51 @@ def test_demo_without_matplotlib_prints_its_table_and_how_to_get_the_picture(ker
     assert "served by standby" in r.stdout and "latency p50 / p99" in r.stdout
     assert lines[-1] == "no timeline picture: pip install 'reuseport-standby[demo]' (matplotlib) for the timeline picture"
     assert not out.exists()
+
+
+@pytest.mark.kernel
+def test_reload_says_each_step_as_it_happens_and_run_logs_json(kernel: None, pin_root: Path, short_tmp: Path) -> None:
+    """A real ``run``: ``reload`` prints each step on stderr while the reload goes on (the first line
+    comes well before the outcome), ``--json`` prints the outcome; ``run --log-format json`` makes its
+    supervisor (a child with its own command line) log JSON too, each line with its own pid."""
+    import json
+    import time
+
+    from test_run import GUNICORN, Run
+
+    run = Run(short_tmp, pin_root, GUNICORN, args=["--log-format", "json", "--stop-timeout", "5"])
+    try:
+        run.wait_both()
+        started = time.monotonic()
+        proc = subprocess.Popen([sys.executable, "-m", "reuseport_standby", "reload", "--json", "--service",
+                                 run.service, "--control", run.control], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=clean_env(), cwd="/")
+        seen: list[tuple[float, str]] = []
+        assert proc.stderr is not None
+        for line in proc.stderr:  # bounded: the process ends, and communicate's timeout below
+            seen.append((time.monotonic() - started, line.rstrip("\n")))
+            if len(seen) > 50:
+                break
+        out, _ = proc.communicate(timeout=120)
+        ended = time.monotonic() - started
+        texts = [t for _, t in seen]
+        assert proc.returncode == 0, (texts, out)
+        steps = [re.sub(r"\d+", "N", t) for t in texts]
+        assert steps == ["reload: rolling reload: standby, then primary",
+                         "reload: started new standby pid N; waiting up to N s for it to serve",
+                         "reload: new standby pid N is serving; stopping old pid N",
+                         "reload: old standby pid N stopped",
+                         "reload: started new primary pid N; waiting up to N s for it to serve",
+                         "reload: new primary pid N is serving; stopping old pid N",
+                         "reload: old primary pid N stopped"], texts
+        assert seen[0][0] < ended - 0.3, f"the first step came at {seen[0][0]:.2f} s, the end at {ended:.2f} s"
+        result = json.loads(out)
+        assert result["ok"] is True and [r["role"] for r in result["replaced"]] == ["standby", "primary"]
+        assert set(run.active().values()) == {r["pid"] for r in result["replaced"]}
+    finally:
+        run.stop_and_check_nothing_left()
+    ours = [json.loads(line) for line in run.log().splitlines() if line.startswith("{")]
+    pids = {d["pid"] for d in ours if d["logger"] == "reuseport_standby.supervisor"}
+    assert pids and run.proc.pid not in pids, "the supervisor logs JSON with its own pid"
+    assert any(d["logger"] == "reuseport_standby.runner" and d["pid"] == run.proc.pid for d in ours)
+    assert any("new primary pid" in d["msg"] for d in ours), "the steps are in run's log too"
