@@ -288,20 +288,18 @@ ENV_COMMON = ("service", "control", "pin_root")
 
 
 def build_parser(environ: dict[str, str] | None = None) -> Parser:
-    """The whole command line.  Environment defaults are applied here; a bad variable is remembered per
-    subcommand (``parser.env_errors``) and refused only when that subcommand runs."""
+    """The whole command line, with its defaults from the environment (``environ``: os.environ).  A bad
+    variable is refused after parsing (``envopts.check``), only when its option is not given."""
     p = Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _logging_options(p, top=True)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    env_errors: dict[str, list[str]] = {}
     for name, add, _ in SUBCOMMANDS:
         sp = add(sub)
         if name != "uvicorn":
             _logging_options(sp, top=False)
             skip = () if name in ENV_ALL_OPTIONS else [a.dest for a in envopts.options(sp) if a.dest not in ENV_COMMON]
-            env_errors[name] = envopts.apply(sp, environ, skip=[*skip, "log_level", "log_format", "verbose_sub"])
-    p.set_defaults(env_errors=env_errors)
+            envopts.apply(sp, environ, skip=[*skip, "log_level", "log_format", "verbose_sub"])
     return p
 
 
@@ -336,9 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown:
             raise UsageError(f"{args.command}: unrecognized arguments: {' '.join(unknown)} "
                              f"(see '{PROG} {args.command} --help')")
-        env_errors = args.env_errors.get(args.command) or []
-        if env_errors:
-            raise UsageError(f"{args.command}: {env_errors[0]}")
+        envopts.check(args)
         level, fmt = log_settings(args)
         args.log_level_value, args.log_format = level, fmt
         logs.setup(level, fmt)

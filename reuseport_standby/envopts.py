@@ -64,15 +64,24 @@ def names(parser: argparse.ArgumentParser, skip: Iterable[str] = ()) -> list[str
     return [env_name(a) for a in options(parser, skip)]
 
 
+class BadValue:
+    """The default of an option whose variable is wrong: an error only if no flag replaces it."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"BadValue({self.message!r})"
+
+
 def apply(parser: argparse.ArgumentParser, environ: Mapping[str, str] | None = None,
-          skip: Iterable[str] = ()) -> list[str]:
+          skip: Iterable[str] = ()) -> None:
     """Make every set variable the default of its option (a required option is then no longer required).
 
-    Returns what is wrong with the variables (one line each), so that the caller refuses them only for
-    the subcommand that runs; an option whose variable is wrong is made optional, so argparse does not
-    ask for it instead."""
+    A wrong variable becomes a :class:`BadValue` default, refused by :func:`check` after parsing
+    unless a flag on the command line replaced it: the flag wins, also over a variable it cannot use,
+    and a variable of a subcommand that does not run is never looked at."""
     env = os.environ if environ is None else environ
-    errors: list[str] = []
     for action in options(parser, skip):
         var = env_name(action)
         text = env.get(var)
@@ -93,6 +102,12 @@ def apply(parser: argparse.ArgumentParser, environ: Mapping[str, str] | None = N
                 action.default = _convert(action, var, text)
                 action.required = False
         except UsageError as exc:
-            errors.append(str(exc))
+            action.default = BadValue(str(exc))
             action.required = False
-    return errors
+
+
+def check(namespace: argparse.Namespace) -> None:
+    """Refuse a variable that was wrong and not replaced by a flag (UsageError naming it)."""
+    for value in vars(namespace).values():
+        if isinstance(value, BadValue):
+            raise UsageError(value.message)

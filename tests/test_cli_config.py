@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from helpers.procs import REPO
-from reuseport_standby import cli, logs
+from reuseport_standby import cli, envopts, logs
 from reuseport_standby.errors import UsageError
 from reuseport_standby.kernel.sockets import Address
 from reuseport_standby.supervisor.options import SuperviseOptions
@@ -23,9 +23,7 @@ from reuseport_standby.supervisor.options import SuperviseOptions
 def parse(argv: list[str], env: dict[str, str]) -> object:
     args, unknown = cli.build_parser(environ=env).parse_known_args(argv)
     assert not unknown
-    errors = args.env_errors.get(args.command) or []
-    if errors:
-        raise UsageError(errors[0])
+    envopts.check(args)
     return args
 
 
@@ -78,7 +76,7 @@ def test_run_options_come_from_the_environment_too() -> None:
 ])
 def test_a_bad_variable_is_a_usage_error_naming_it(var: str, value: str, words: str) -> None:
     with pytest.raises(UsageError) as err:
-        parse(["supervise", "--bind", "127.0.0.1:1"], {var: value})
+        parse(["supervise"], {"REUSEPORT_STANDBY_BIND": "127.0.0.1:1", var: value})
     assert str(err.value).startswith(f"{var}={value!r}") and words in str(err.value), err.value
 
 
@@ -86,6 +84,15 @@ def test_a_bad_variable_of_one_command_does_not_break_another() -> None:
     """REUSEPORT_STANDBY_BIND means nothing to status: a bad one must not stop it."""
     args = parse(["status"], {"REUSEPORT_STANDBY_BIND": "nonsense", "REUSEPORT_STANDBY_SERVICE": "shop"})
     assert args.service == "shop"
+
+
+def test_the_flag_wins_over_a_bad_variable_too() -> None:
+    env = {"REUSEPORT_STANDBY_BIND": "nonsense", "REUSEPORT_STANDBY_SERVICE": "a/b",
+           "REUSEPORT_STANDBY_MOUNT_BPFFS": "perhaps"}
+    args = parse(["supervise", "--bind", "127.0.0.1:1", "--service", "ok", "--mount-bpffs"], env)
+    assert (args.bind, args.service, args.mount_bpffs) == ([Address("127.0.0.1", 1)], "ok", True)
+    with pytest.raises(UsageError, match="REUSEPORT_STANDBY_MOUNT_BPFFS"):
+        parse(["supervise", "--bind", "127.0.0.1:1", "--service", "ok"], env)
 
 
 def test_only_common_options_of_the_other_commands_read_variables() -> None:
