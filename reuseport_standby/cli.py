@@ -351,10 +351,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
-    except BrokenPipeError:  # `status | head`: the reader left; nothing to say
+    except BrokenPipeError:  # `status | head`: the reader left; nothing to say (and nothing to flush at exit)
         try:
-            sys.stdout = open(os.devnull, "w")
-        except OSError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
             pass
         return EXIT_ERROR
     except ImportError as exc:

@@ -274,3 +274,19 @@ def test_reload_says_each_step_as_it_happens_and_run_logs_json(kernel: None, pin
     assert pids and run.proc.pid not in pids, "the supervisor logs JSON with its own pid"
     assert any(d["logger"] == "reuseport_standby.runner" and d["pid"] == run.proc.pid for d in ours)
     assert any("new primary pid" in d["msg"] for d in ours), "the steps are in run's log too"
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback() -> None:
+    """``reuseport-standby status | head -1``: BrokenPipeError, once while printing, once at exit."""
+    code = ("import sys; from reuseport_standby import cli\n"
+            "def lots(args):\n"
+            "    for i in range(200000): print('line', i)\n"
+            "    return 0\n"
+            "cli.COMMANDS['status'] = lots\n"
+            "sys.exit(cli.main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, "status"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=clean_env(), cwd="/")
+    assert proc.stdout is not None and proc.stdout.readline() == b"line 0\n"
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=60)
+    assert err == b"" and proc.returncode == ERROR, err
