@@ -359,11 +359,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except ImportError as exc:
         top = (exc.name or "").split(".")[0]
+        log.debug("import failed", exc_info=True)
+        if not top or top == "reuseport_standby":  # our own import failing is a bug, not a missing module
+            _say(f"unexpected error: {type(exc).__name__}: {exc} (a bug: re-run with -vv for the traceback and "
+                 "report it)")
+            return EXIT_ERROR
         extra = EXTRAS.get(top)
         what = f"'{PROG} {args.command}'" if args is not None else PROG
-        hint = f"pip install 'reuseport-standby[{extra}]'" if extra else f"install the Python module {top or exc}"
-        log.debug("import failed", exc_info=True)
-        _say(f"{what} needs the Python module {top or exc!s}, which cannot be imported ({exc}): {hint}")
+        hint = f"pip install 'reuseport-standby[{extra}]'" if extra else f"install the Python module {top}"
+        _say(f"{what} needs the Python module {top}, which cannot be imported ({exc}): {hint}")
         return EXIT_ERROR
     except OSError as exc:
         log.debug("failed", exc_info=True)
