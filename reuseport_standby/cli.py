@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence
 
-from .names import ENV_SCOPE, State
+from .names import ENV_LOG_FORMAT, ENV_LOG_LEVEL, ENV_SCOPE, State
 from . import __version__, envopts, logs, protocol, uvicorn_cli
 from .errors import ReuseportStandbyError, SupervisorUnavailable, UsageError
 from .kernel.pins import DEFAULT_PIN_ROOT
@@ -24,8 +24,6 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_INTERRUPTED = 0, 1, 2, 3
 PROG = "reuseport-standby"
 log = logging.getLogger("reuseport_standby.cli")
 
-#: the variables of the logging options (every subcommand); the flags win
-ENV_LOG_LEVEL, ENV_LOG_FORMAT = "REUSEPORT_STANDBY_LOG_LEVEL", "REUSEPORT_STANDBY_LOG_FORMAT"
 
 DESCRIPTION = textwrap.fill(
     "Zero-downtime restarts for gunicorn and uvicorn: a primary and a standby instance share a port "

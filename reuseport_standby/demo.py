@@ -106,7 +106,7 @@ class WithStandby:
         os.kill(self.primary_pid(), signal.SIGKILL)
 
     def reload(self) -> None:
-        request_reload(self.service, self.control)
+        request_reload(self.service, self.control, progress=lambda step: say(f"           {step['progress']}"))
 
     def stop(self) -> None:
         if self.proc.poll() is None:
