@@ -290,3 +290,22 @@ def test_a_reader_that_leaves_early_gets_no_traceback() -> None:
     proc.stdout.close()
     _, err = proc.communicate(timeout=60)
     assert err == b"" and proc.returncode == ERROR, err
+
+
+def test_json_of_check_and_the_operator_commands(control_plane) -> None:
+    """``--json``: the outcome on stdout as one object, the exit status as without it."""
+    import json
+
+    sup = control_plane()
+    where = ["--service", sup.service, "--control", sup.control]
+    r = rs("weight", "--standby", "30", "--json", *where)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert json.loads(r.stdout)["standby_weight"] == 30
+    r = rs("check", "--json", "--wait", "0.5", *where)
+    doc = json.loads(r.stdout)
+    assert r.returncode == ERROR and doc["ok"] is False and doc["exit"] == ERROR, (r.stdout, r.stderr)
+    assert doc["problem"].startswith("no active instance serves 127.0.0.1:")
+    lines = r.stderr.strip().splitlines()
+    assert lines[0].startswith("waiting (") and lines[-1] == f"reuseport-standby: {doc['problem']}", lines
+    r = rs("status", "--json", *where)
+    assert r.returncode == 0 and json.loads(r.stdout)["addresses"][0]["standby_weight"] == 30
