@@ -192,7 +192,7 @@ class ReloadJob:
     """A rolling reload, advanced one step per turn of the main loop."""
 
     waiters: list[Future]
-    #: who hears of each step as it happens (a ``reload --progress`` client's queue)
+    #: who hears of each step as it happens (the queue of a `reload` client that asked for "progress")
     listeners: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
     roles: list[Role] = field(default_factory=lambda: [Role.STANDBY, Role.PRIMARY])
     new: Managed | None = None
