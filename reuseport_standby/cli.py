@@ -528,7 +528,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     except (ValueError, ReuseportStandbyError) as exc:
         raise UsageError(f"run: {exc}") from None
     extra_env = {ENV_SCOPE: args.scope} if args.scope else {}
-    extra_env[ENV_LOG_FORMAT] = fmt  # an instance under our CLI ('reuseport-standby uvicorn') logs ours alike
+    # an instance under our CLI ('reuseport-standby uvicorn') logs ours alike; gunicorn's follow gunicorn's
+    extra_env.update({ENV_LOG_LEVEL: logging.getLevelName(level).lower(), ENV_LOG_FORMAT: fmt})
     return RunConfig(supervisor=supervisor, command=command, ready_timeout=args.ready_timeout,
                      stop_timeout=args.stop_timeout, extra_env=extra_env, user=user, drop_env=option_variables())
 

@@ -135,6 +135,7 @@ def test_run_passes_its_children_none_of_its_option_variables(monkeypatch: pytes
     assert "--stall-timeout" not in argv, "the default is left out: the child must not read the variable"
     assert argv[-4:] == ["--log-level", "info", "--log-format", "json"], "the supervisor logs as run does"
     assert cfg.extra_env["REUSEPORT_STANDBY_LOG_FORMAT"] == "json"
+    assert cfg.extra_env["REUSEPORT_STANDBY_LOG_LEVEL"] == "info"
     # and the supervisor's own parser takes what run passes
     assert SuperviseOptions.from_args(cli.build_parser(environ={}).parse_args(argv)).stall_timeout == 2.0
 
