@@ -277,9 +277,6 @@ def add_demo(sub: Any) -> argparse.ArgumentParser:
     return dm
 
 
-#: (name, how to add its parser, what runs it).  A new subcommand is one more row.
-SUBCOMMANDS: list[tuple[str, Callable[[Any], argparse.ArgumentParser], Callable[[argparse.Namespace], int]]] = []
-
 #: options of these subcommands may come from REUSEPORT_STANDBY_<OPTION>; of the others, only these
 ENV_ALL_OPTIONS = ("supervise", "run")
 ENV_COMMON = ("service", "control", "pin_root")
@@ -591,7 +588,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo(args.duration, args.server, args.baseline, args.concurrency, args.out)
 
 
-SUBCOMMANDS[:] = [
+#: (name, how to add its parser, what runs it), in --help's order.  A new subcommand is one more row.
+SUBCOMMANDS: list[tuple[str, Callable[[Any], argparse.ArgumentParser], Callable[[argparse.Namespace], int]]] = [
     ("supervise", add_supervise, cmd_supervise),
     ("status", add_status, cmd_status),
     ("check", add_check, cmd_check),
