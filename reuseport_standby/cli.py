@@ -1,16 +1,18 @@
-"""The ``reuseport-standby`` command."""
+"""The ``reuseport-standby`` command: one subcommand per job, one line per failure."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+import textwrap
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence
 
-from .names import ENV_GROUP, ENV_SCOPE, ENV_SERVICE, ENV_USER, State
-from . import __version__, project_conf, protocol, uvicorn_cli
+from .names import ENV_LOG_FORMAT, ENV_LOG_LEVEL, ENV_SCOPE, State
+from . import __version__, envopts, logs, project_conf, protocol, uvicorn_cli
 from .errors import ReuseportStandbyError, SupervisorUnavailable, UsageError
 from .kernel.pins import DEFAULT_PIN_ROOT
 from .kernel.sockets import DEFAULT_BACKLOG, Address
@@ -18,40 +20,113 @@ from .kernel.sockets import DEFAULT_BACKLOG, Address
 if TYPE_CHECKING:
     from .runner import RunConfig
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+PROG = "reuseport-standby"
+log = logging.getLogger("reuseport_standby.cli")
 
 
-def _service(value: str) -> str:
-    try:
-        return protocol.check_service(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+DESCRIPTION = textwrap.fill(
+    "Zero-downtime restarts for gunicorn and uvicorn: a primary and a standby instance share a port "
+    "through an eBPF SO_REUSEPORT program that a privileged supervisor loads. 'run' does it all from one "
+    "command; 'supervise' plus the gunicorn/uvicorn integrations is the same in separate units.")
+
+EPILOG = """\
+exit status:
+  0    done / it serves
+  1    it failed (the reason on stderr, one line); also an unexpected error: re-run with -vv for the traceback
+  2    usage: a bad option, option value or environment variable; nothing was started
+  3    no supervisor (or no 'run') answers for the service
+  130  interrupted (Ctrl-C)
+
+environment:
+  Every option of 'supervise' and 'run', and --service, --control, --pin-root, --log-level and --log-format of
+  every command, may be given as REUSEPORT_STANDBY_<OPTION> (REUSEPORT_STANDBY_BIND="127.0.0.1:8000 [::1]:8000",
+  REUSEPORT_STANDBY_STALL_TIMEOUT=5, REUSEPORT_STANDBY_MOUNT_BPFFS=1). A flag on the command line wins.
+
+See 'reuseport-standby COMMAND --help', the README and docs/deployment.md."""
 
 
-def _address(value: str) -> Address:
-    try:
-        return Address.parse(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+class Parser(argparse.ArgumentParser):
+    """A usage error is one line (what is wrong, and where to read more), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix(PROG).strip()
+        raise UsageError(f"{command + ': ' if command else ''}{message} (see '{self.prog} --help')")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="reuseport-standby", description=__doc__)
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _typed(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type from a converter that raises ValueError with a message for the user."""
+    def parse(value: str) -> Any:
+        try:
+            return convert(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    parse.__name__ = getattr(convert, "__name__", "value")
+    return parse
 
-    def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--service", type=_service, default=os.environ.get(ENV_SERVICE, protocol.DEFAULT_SERVICE),
-                        help="service name (default: $REUSEPORT_STANDBY_SERVICE or 'default')")
-        sp.add_argument("--control", default=None, help="control socket path (default: $REUSEPORT_STANDBY_CONTROL or /run/reuseport-standby/SERVICE.sock)")
-        sp.add_argument("--pin-root", default=DEFAULT_PIN_ROOT, help=f"bpffs directory for pins (default {DEFAULT_PIN_ROOT})")
 
-    sp = sub.add_parser("supervise", help="run the privileged supervisor of one service (foreground)")
-    common(sp)
-    sp.add_argument("--bind", type=_address, action="append", required=True, metavar="HOST:PORT",
+_service = _typed(protocol.check_service)
+_address = _typed(Address.parse)
+
+
+def _bounded(kind: Callable[[str], Any], low: float | None = None, high: float | None = None,
+             what: str = "") -> Callable[[str], Any]:
+    def convert(value: str) -> Any:
+        try:
+            number = kind(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if (low is not None and number < low) or (high is not None and number > high):
+            bounds = (f"from {low} to {high}" if high is not None else f">= {low}") if low is not None else f"<= {high}"
+            raise ValueError(f"{value} is out of range: {what or 'it'} must be {bounds}")
+        return number
+    convert.__name__ = kind.__name__
+    return _typed(convert)
+
+
+_seconds = _bounded(float, 0, what="seconds")
+_positive_int = _bounded(int, 1)
+_percent = _bounded(int, 0, 100, what="the standby's share")
+
+
+def _logging_options(p: argparse.ArgumentParser, top: bool) -> None:
+    """-v, --log-level and --log-format, before or after the subcommand (after: SUPPRESS keeps the
+    value given before)."""
+    default = None if top else argparse.SUPPRESS
+    g = p.add_argument_group("logging")
+    g.add_argument("-v", "--verbose", action="count", default=0, dest="verbose" if top else "verbose_sub",
+                   help="more logging: -v info, -vv debug (and the traceback of an unexpected error)")
+    g.add_argument("--log-level", choices=logs.LEVELS, default=default, type=str.lower,
+                   help=f"log level of our loggers (overrides -v; env {ENV_LOG_LEVEL})")
+    g.add_argument("--log-format", choices=logs.FORMATS, default=default,
+                   help="text (default; without our timestamp when stderr is the systemd journal) or json: one "
+                        f"object per line with ts, level, logger, pid, msg (env {ENV_LOG_FORMAT})")
+
+
+def _common(sp: argparse.ArgumentParser) -> None:
+    """The options that say which service: every command that talks to, or is, a supervisor."""
+    sp.add_argument("--service", type=_service, default=protocol.DEFAULT_SERVICE,
+                    help="service name: names the control socket and the pin directory (default 'default')")
+    sp.add_argument("--control", default=None, metavar="PATH",
+                    help=f"control socket path (default {protocol.CONTROL_DIR}/SERVICE.sock)")
+    sp.add_argument("--pin-root", default=DEFAULT_PIN_ROOT, metavar="DIR",
+                    help=f"bpffs directory for pins (default {DEFAULT_PIN_ROOT})")
+
+
+def _json(sp: argparse.ArgumentParser, what: str) -> None:
+    sp.add_argument("--json", action="store_true", help=f"print {what} as JSON on stdout")
+
+
+def add_supervise(sub: Any) -> argparse.ArgumentParser:
+    sp = sub.add_parser("supervise", help="run the privileged supervisor of one service (foreground)",
+                        description="Load the steering program, bind the --bind addresses and broker their "
+                                    "listeners to the primary and standby instances of one service. Runs in the "
+                                    "foreground until SIGTERM.")
+    _common(sp)
+    sp.add_argument("--bind", type=_address, action=envopts.ReplaceAppend, required=True, metavar="HOST:PORT",
                     help="address to serve; repeat for several (IPv6 as [::1]:8000)")
-    sp.add_argument("--backlog", type=int, default=DEFAULT_BACKLOG, help=f"listen() backlog of every socket (default {DEFAULT_BACKLOG})")
+    sp.add_argument("--backlog", type=_positive_int, default=DEFAULT_BACKLOG,
+                    help=f"listen() backlog of every socket (default {DEFAULT_BACKLOG})")
     sp.add_argument("--group", default=None, help="group allowed on the control socket (besides root and this user): "
                                                   "instances and status readers")
     sp.add_argument("--admin-group", default=None, metavar="GROUP",
@@ -59,116 +134,246 @@ def build_parser() -> argparse.ArgumentParser:
                          "without it only root and this user may. Its members need --group too, to reach the socket")
     sp.add_argument("--mount-bpffs", action="store_true", help="mount bpffs at /sys/fs/bpf (mode 0700) if it is not mounted")
     sp.add_argument("--no-migrate", action="store_true", help="load as plain SELECT (no queue migration; for comparisons only)")
-    sp.add_argument("--stall-timeout", type=float, default=2.0,
+    sp.add_argument("--stall-timeout", type=_seconds, default=2.0,
                     help="demote an active instance whose queue waits this long with nothing accepted (seconds; 0 = off; default 2)")
     sp.add_argument("--on-hang", choices=("demote", "term", "kill"), default="demote",
                     help="after demoting a hung instance: keep it to recover (demote, default), SIGTERM or SIGKILL it")
     sp.add_argument("--metrics", type=_address, default=None, metavar="HOST:PORT",
-                    help="serve Prometheus metrics here (needs prometheus_client)")
+                    help="serve Prometheus metrics here (needs prometheus_client: pip install 'reuseport-standby[metrics]')")
     sp.add_argument("--loader", choices=("libbpf", "bcc"), default="libbpf",
                     help="libbpf: load the packaged object (default); bcc: compile the C source at start (needs BCC and kernel headers)")
     sp.add_argument("--bpf-source", default=None, metavar="PATH",
                     help="with --loader bcc: your own variant of bpf/standby.bpf.c (docs/bpf-variants.md)")
-    sp.add_argument("--max-connections-per-uid", type=int, default=None, metavar="N",
+    sp.add_argument("--max-connections-per-uid", type=_positive_int, default=None, metavar="N",
                     help="control connections one user other than root may hold at once; more are refused "
                          "(default 128: worker scope needs 68 during a rolling reload)")
+    return sp
 
-    st = sub.add_parser("status", help="show addresses, instances, slots, queues and counters")
-    common(st)
-    st.add_argument("--json", action="store_true", help="machine-readable output")
 
+def add_status(sub: Any) -> argparse.ArgumentParser:
+    st = sub.add_parser("status", help="show addresses, instances, slots, queues and counters",
+                        description="Ask the supervisor; when none answers, read the pinned maps (traffic may "
+                                    "still flow) and exit 3.")
+    _common(st)
+    _json(st, "the status document")
+    return st
+
+
+def add_check(sub: Any) -> argparse.ArgumentParser:
     ck = sub.add_parser("check", help="exit 0 when the service (or one instance) serves: for systemd ExecStartPost and "
                                       "Kubernetes probes",
                         description="Ask the supervisor whether the service serves (some instance is active) or, with "
                                     "--pid/--pidfile, whether that instance is active. Exit 0 if so, 1 if not (the "
                                     "reason on stderr), 3 if no supervisor answers.")
-    common(ck)
+    _common(ck)
     who = ck.add_mutually_exclusive_group()
-    who.add_argument("--pid", type=int, default=None, help="the instance's main process (e.g. systemd's $MAINPID)")
-    who.add_argument("--pidfile", default=None, help="read the pid from this file (e.g. gunicorn --pid FILE)")
+    who.add_argument("--pid", type=_positive_int, default=None, help="the instance's main process (e.g. systemd's $MAINPID)")
+    who.add_argument("--pidfile", default=None, metavar="PATH", help="read the pid from this file (e.g. gunicorn --pid FILE)")
     ck.add_argument("--alive", action="store_true",
                     help="for liveness: pass while the instance is starting, drained or stopping too, and when no "
                          "supervisor answers; fail only when the supervisor demoted it as hung, or does not know it")
-    ck.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                    help="keep asking until it passes or SECONDS have passed (default: ask once)")
+    ck.add_argument("--wait", type=_seconds, default=0.0, metavar="SECONDS",
+                    help="keep asking until it passes or SECONDS have passed, saying on stderr what it waits for "
+                         "(default: ask once)")
+    _json(ck, "the outcome ({\"ok\": ..., \"problem\": ...})")
+    return ck
 
+
+def add_run(sub: Any) -> argparse.ArgumentParser:
     rn = sub.add_parser("run", help="run a supervisor, a primary and a standby of a server command",
                         description="Run CMD (a gunicorn or uvicorn command line) as a primary and a standby "
-                                    "sharing the --bind addresses, with zero-downtime restarts.")
-    common(rn)
-    rn.add_argument("--bind", type=_address, action="append", required=True, metavar="HOST:PORT")
-    rn.add_argument("--backlog", type=int, default=None)
-    rn.add_argument("--user", default=os.environ.get(ENV_USER), metavar="USER",
+                                    "sharing the --bind addresses, with zero-downtime restarts. SIGHUP or "
+                                    "'reuseport-standby reload' replaces both, one at a time.")
+    _common(rn)
+    rn.add_argument("--bind", type=_address, action=envopts.ReplaceAppend, required=True, metavar="HOST:PORT",
+                    help="address to serve; repeat for several (IPv6 as [::1]:8000)")
+    rn.add_argument("--backlog", type=_positive_int, default=None,
+                    help=f"listen() backlog of every socket (default {DEFAULT_BACKLOG})")
+    rn.add_argument("--user", default=None, metavar="USER",
                     help="run the instances and all their workers as USER (no capabilities, no supplementary "
-                         "groups); 'run' itself starts as root for the supervisor (default: $REUSEPORT_STANDBY_USER; "
-                         "without it, as root, with a warning; '--user root' to say so on purpose)")
-    rn.add_argument("--group", default=os.environ.get(ENV_GROUP), metavar="GROUP",
+                         "groups); 'run' itself starts as root for the supervisor (without it, as root, with a "
+                         "warning; '--user root' to say so on purpose)")
+    rn.add_argument("--group", default=None, metavar="GROUP",
                     help="with --user: the instances' group (default: USER's primary group); either way the group "
-                         "allowed on the control socket (default: $REUSEPORT_STANDBY_GROUP)")
+                         "allowed on the control socket")
     rn.add_argument("--admin-group", default=None, metavar="GROUP",
                     help="group whose members may send operator commands (passed to the supervisor)")
-    rn.add_argument("--ready-timeout", type=float, default=60.0, help="seconds a new instance has to become ready (default 60)")
-    rn.add_argument("--stop-timeout", type=float, default=30.0, help="seconds an instance has to drain before SIGKILL (default 30)")
+    rn.add_argument("--ready-timeout", type=_bounded(float, 0.001, what="seconds"), default=60.0, metavar="SECONDS",
+                    help="seconds a new instance has to become ready (default 60)")
+    rn.add_argument("--stop-timeout", type=_seconds, default=30.0, metavar="SECONDS",
+                    help="seconds an instance has to drain before SIGKILL (default 30)")
     rn.add_argument("--scope", choices=("instance", "worker"), default=None,
                     help="instance (default): an instance's workers share its listeners; worker: every worker gets "
                          "listeners of its own (sets REUSEPORT_STANDBY_SCOPE for the instances)")
     rn.add_argument("--no-migrate", action="store_true", help=argparse.SUPPRESS)
-    rn.add_argument("--stall-timeout", type=float, default=None, help="passed to the supervisor (see supervise --help)")
-    rn.add_argument("--on-hang", choices=("demote", "term", "kill"), default=None, help="passed to the supervisor")
-    rn.add_argument("--metrics", type=_address, default=None, metavar="HOST:PORT", help="passed to the supervisor")
-    rn.add_argument("--loader", choices=("libbpf", "bcc"), default=None, help="passed to the supervisor")
-    rn.add_argument("--bpf-source", default=None, metavar="PATH", help="passed to the supervisor")
-    rn.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...")
+    rn.add_argument("--stall-timeout", type=_seconds, default=None, metavar="SECONDS",
+                    help="demote an active instance whose queue waits this long with nothing accepted (default 2; "
+                         "passed to the supervisor, see supervise --help)")
+    rn.add_argument("--on-hang", choices=("demote", "term", "kill"), default=None,
+                    help="what to do with a hung instance after demoting it (passed to the supervisor)")
+    rn.add_argument("--metrics", type=_address, default=None, metavar="HOST:PORT",
+                    help="serve Prometheus metrics here (passed to the supervisor)")
+    rn.add_argument("--loader", choices=("libbpf", "bcc"), default=None,
+                    help="how the supervisor loads the program (see supervise --help)")
+    rn.add_argument("--bpf-source", default=None, metavar="PATH", help="with --loader bcc: your own program source")
+    rn.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...",
+                    help="the server command line, after '--': gunicorn ... or uvicorn ... (the integration is added)")
+    return rn
 
+
+def add_weight(sub: Any) -> argparse.ArgumentParser:
     wt = sub.add_parser("weight", help="canary: offer this share of new connections to the standby first")
-    common(wt)
-    wt.add_argument("--standby", type=int, required=True, metavar="PERCENT", help="0 (pure hot standby) to 100")
+    _common(wt)
+    wt.add_argument("--standby", type=_percent, required=True, metavar="PERCENT",
+                    help="0 (pure hot standby) to 100")
+    _json(wt, "the supervisor's reply")
+    return wt
 
+
+def add_promote(sub: Any) -> argparse.ArgumentParser:
     pr = sub.add_parser("promote", help="swap the roles of the running primary and standby (nothing restarts)")
-    common(pr)
+    _common(pr)
+    _json(pr, "the supervisor's reply")
+    return pr
 
-    for name, text in (("drain", "stop sending new connections to an instance without stopping it"),
-                       ("undrain", "send new connections to a drained or demoted instance again")):
+
+def _add_drain(name: str, text: str) -> Callable[[Any], argparse.ArgumentParser]:
+    def add(sub: Any) -> argparse.ArgumentParser:
         dr = sub.add_parser(name, help=text)
-        common(dr)
-        dr.add_argument("--role", choices=("primary", "standby"), required=True)
+        _common(dr)
+        dr.add_argument("--role", choices=("primary", "standby"), required=True, help="which instance")
+        _json(dr, "the supervisor's reply")
+        return dr
+    return add
 
-    rl = sub.add_parser("reload", help="rolling restart of a running 'run': standby, then primary; rolls back a failure")
-    common(rl)
-    rl.add_argument("--timeout", type=float, default=600.0)
 
-    dm = sub.add_parser("demo", help="restart the primary under load, with and without reuseport-standby, and draw it")
-    dm.add_argument("--duration", type=float, default=20.0, help="seconds of load (default 20)")
-    dm.add_argument("--server", choices=("gunicorn", "uvicorn"), default="gunicorn")
+def add_reload(sub: Any) -> argparse.ArgumentParser:
+    rl = sub.add_parser("reload", help="rolling restart of a running 'run': standby, then primary; rolls back a failure",
+                        description="Ask a running 'reuseport-standby run' for a rolling reload and wait for it, "
+                                    "printing each step on stderr as it happens. Exit 0 when both instances were "
+                                    "replaced, 1 when it rolled back (the old ones keep serving), 3 when no 'run' "
+                                    "answers.")
+    _common(rl)
+    rl.add_argument("--timeout", type=_bounded(float, 0.001, what="seconds"), default=600.0, metavar="SECONDS",
+                    help="give up waiting after this long (default 600; the reload itself goes on)")
+    _json(rl, "the outcome")
+    return rl
+
+
+def add_demo(sub: Any) -> argparse.ArgumentParser:
+    dm = sub.add_parser("demo", help="restart the primary under load, with and without reuseport-standby, and draw it",
+                        description="Run the bundled app under 'reuseport-standby run' on a free loopback port, "
+                                    "restart it four ways under load, print what the clients saw and draw a PNG "
+                                    "timeline (needs matplotlib: pip install 'reuseport-standby[demo]'). Exit 0 "
+                                    "when no request failed.")
+    dm.add_argument("--duration", type=_bounded(float, 1, what="seconds"), default=20.0,
+                    help="seconds of load (default 20)")
+    dm.add_argument("--server", choices=("gunicorn", "uvicorn"), default="gunicorn", help="the app server (default gunicorn)")
     dm.add_argument("--baseline", action="store_true", help="the same script with plain SO_REUSEPORT, no BPF")
-    dm.add_argument("--concurrency", type=int, default=16)
-    dm.add_argument("--out", type=Path, default=None, help="where to write the PNG timeline")
+    dm.add_argument("--concurrency", type=_positive_int, default=16, help="load clients (default 16)")
+    dm.add_argument("--out", type=Path, default=None, metavar="PNG", help="where to write the PNG timeline")
     dm.add_argument("--kernel-only", action="store_true", help="only the kernel-level demonstration (no web server)")
-    dm.add_argument("--connections", type=int, default=50, help="with --kernel-only: queued connections")
-    uvicorn_cli.add_parser(sub)
-    project_conf.add_parser(sub)
+    dm.add_argument("--connections", type=_positive_int, default=50, help="with --kernel-only: queued connections")
+    return dm
+
+
+#: options of these subcommands may come from REUSEPORT_STANDBY_<OPTION>; of the others, only these
+ENV_ALL_OPTIONS = ("supervise", "run")
+ENV_COMMON = ("service", "control", "pin_root")
+
+
+def build_parser(environ: dict[str, str] | None = None) -> Parser:
+    """The whole command line, with its defaults from the environment (``environ``: os.environ).  A bad
+    variable is refused after parsing (``envopts.check``), only when its option is not given."""
+    p = Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _logging_options(p, top=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, add, _ in SUBCOMMANDS:
+        sp = add(sub)
+        if name != "uvicorn":
+            _logging_options(sp, top=False)
+            skip = () if name in ENV_ALL_OPTIONS else [a.dest for a in envopts.options(sp) if a.dest not in ENV_COMMON]
+            envopts.apply(sp, environ, skip=[*skip, "log_level", "log_format", "verbose_sub"])
     return p
 
 
+def log_settings(args: argparse.Namespace, environ: dict[str, str] | os._Environ[str] = os.environ) -> tuple[int, str]:
+    """(level, format): a flag wins over -v, -v over the variable, the variable over the command's default."""
+    verbose = args.verbose + getattr(args, "verbose_sub", 0)
+    name = args.log_level or (None if verbose else environ.get(ENV_LOG_LEVEL, "").strip().lower() or None)
+    if name is not None and name not in logs.LEVELS:
+        raise UsageError(f"{ENV_LOG_LEVEL}={name!r}: must be one of {', '.join(logs.LEVELS)}")
+    fmt = args.log_format or environ.get(ENV_LOG_FORMAT, "").strip().lower() or "text"
+    if fmt not in logs.FORMATS:
+        raise UsageError(f"{ENV_LOG_FORMAT}={fmt!r}: must be one of {', '.join(logs.FORMATS)}")
+    quiet = args.command in ("status", "check", "weight", "promote", "drain", "undrain", "reload")
+    return logs.level_from(name, verbose, logging.WARNING if quiet else logging.INFO), fmt
+
+
+#: optional dependency (top-level module) -> the extra that brings it
+EXTRAS = {"click": "uvicorn", "uvicorn": "uvicorn", "gunicorn": "gunicorn", "flask": "demo", "matplotlib": "demo",
+          "prometheus_client": "metrics"}
+
+
+def _say(message: str) -> None:
+    print(f"{PROG}: {printable(message)}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    level = logging.WARNING if args.verbose == 0 and args.command in ("status", "check") else (
-        logging.DEBUG if args.verbose > 1 else logging.INFO)
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    """Run one command.  Every failure is one line on stderr and an exit status (see EPILOG); an
+    unexpected exception too, its traceback logged at debug level (-vv)."""
+    args: argparse.Namespace | None = None
     try:
+        args, unknown = build_parser().parse_known_args(argv)
+        if unknown:
+            raise UsageError(f"{args.command}: unrecognized arguments: {' '.join(unknown)} "
+                             f"(see '{PROG} {args.command} --help')")
+        envopts.check(args)
+        level, fmt = log_settings(args)
+        args.log_level_value, args.log_format = level, fmt
+        logs.setup(level, fmt)
         return COMMANDS[args.command](args)
     except SupervisorUnavailable as exc:
-        print(f"reuseport-standby: {printable(str(exc))}", file=sys.stderr)
+        _say(str(exc))
         return EXIT_NOT_RUNNING
     except UsageError as exc:
-        print(f"reuseport-standby: {printable(str(exc))}", file=sys.stderr)
+        _say(str(exc))
         return EXIT_USAGE
     except (ReuseportStandbyError, ValueError) as exc:
         # A refusal from the supervisor (forbidden, malformed...) is a ProtocolError: one line, no traceback.
-        print(f"reuseport-standby: {printable(str(exc))}", file=sys.stderr)
+        _say(str(exc))
         return EXIT_ERROR
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `status | head`: the reader left; nothing to say (and nothing to flush at exit)
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return EXIT_ERROR
+    except ImportError as exc:
+        top = (exc.name or "").split(".")[0]
+        log.debug("import failed", exc_info=True)
+        if not top or top == "reuseport_standby":  # our own import failing is a bug, not a missing module
+            _say(f"unexpected error: {type(exc).__name__}: {exc} (a bug: re-run with -vv for the traceback and "
+                 "report it)")
+            return EXIT_ERROR
+        extra = EXTRAS.get(top)
+        what = f"'{PROG} {args.command}'" if args is not None else PROG
+        hint = f"pip install 'reuseport-standby[{extra}]'" if extra else f"install the Python module {top}"
+        _say(f"{what} needs the Python module {top}, which cannot be imported ({exc}): {hint}")
+        return EXIT_ERROR
+    except OSError as exc:
+        log.debug("failed", exc_info=True)
+        where = f" ({exc.filename})" if exc.filename else ""
+        _say(f"{exc.strerror or exc}{where}")
+        return EXIT_ERROR
+    except Exception as exc:
+        log.debug("unexpected error", exc_info=True)
+        _say(f"unexpected error: {type(exc).__name__}: {exc} (a bug: re-run with -vv for the traceback and "
+             "report it)")
+        return EXIT_ERROR
 
 
 def printable(text: str) -> str:
@@ -234,6 +439,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from . import client
 
     deadline = time.monotonic() + max(0.0, args.wait)
+    said = None
     while True:
         code, problem = EXIT_OK, None
         pid = args.pid
@@ -247,17 +453,26 @@ def cmd_check(args: argparse.Namespace) -> int:
                 st = client.query(args.service, "status", args.control)["status"]
             except SupervisorUnavailable as exc:
                 if args.alive:  # no supervisor is no sign of a hung instance: never restart instances for it
-                    print(f"reuseport-standby: {exc} (--alive passes)", file=sys.stderr)
-                    return EXIT_OK
+                    _say(f"{exc} (--alive passes)")
+                    return _check_result(args, EXIT_OK, None, pid)
                 code, problem = EXIT_NOT_RUNNING, str(exc)
             else:
                 problem = check_status(st, pid, args.alive)
                 code = EXIT_ERROR if problem else EXIT_OK
         if problem is None or time.monotonic() >= deadline:
             break
+        if problem != said:  # progress: what it waits for, each time that changes
+            print(printable(f"waiting ({deadline - time.monotonic():.0f} s left): {problem}"), file=sys.stderr, flush=True)
+            said = problem
         time.sleep(0.2)
     if problem:
-        print(f"reuseport-standby: {printable(problem)}", file=sys.stderr)
+        _say(problem)
+    return _check_result(args, code, problem, pid)
+
+
+def _check_result(args: argparse.Namespace, code: int, problem: str | None, pid: int | None) -> int:
+    if args.json:
+        print(json.dumps({"ok": code == EXIT_OK, "exit": code, "problem": problem, "service": args.service, "pid": pid}))
     return code
 
 
@@ -289,10 +504,13 @@ def run_config(args: argparse.Namespace) -> RunConfig:
                 group = group_name(user.gid)  # the instances reach the control socket through their group
         elif os.geteuid() == 0:
             logging.getLogger("reuseport_standby.run").warning("running without --user: %s", ROOT_WARNING)
+        level, fmt = getattr(args, "log_level_value", logging.INFO), getattr(args, "log_format", "text")
         supervisor = SuperviseOptions(
             service=args.service, binds=tuple(args.bind), control=args.control, group=group,
             admin_group=args.admin_group, pin_root=args.pin_root, migrate=False if args.no_migrate else None,
             mount_bpffs=True,
+            # the supervisor logs as 'run' does (its own command line: the variables are not passed on)
+            extra=("--log-level", logging.getLevelName(level).lower(), "--log-format", fmt),
             **{name: value for name, value in (("backlog", args.backlog), ("stall_timeout", args.stall_timeout),
                                                ("on_hang", args.on_hang), ("metrics", args.metrics),
                                                ("loader", args.loader),
@@ -306,8 +524,23 @@ def run_config(args: argparse.Namespace) -> RunConfig:
             raise ValueError("--ready-timeout must be > 0 and --stop-timeout >= 0")
     except (ValueError, ReuseportStandbyError) as exc:
         raise UsageError(f"run: {exc}") from None
+    extra_env = {ENV_SCOPE: args.scope} if args.scope else {}
+    # an instance under our CLI ('reuseport-standby uvicorn') logs ours alike; gunicorn's follow gunicorn's
+    extra_env.update({ENV_LOG_LEVEL: logging.getLevelName(level).lower(), ENV_LOG_FORMAT: fmt})
     return RunConfig(supervisor=supervisor, command=command, ready_timeout=args.ready_timeout,
-                     stop_timeout=args.stop_timeout, extra_env={ENV_SCOPE: args.scope} if args.scope else {}, user=user)
+                     stop_timeout=args.stop_timeout, extra_env=extra_env, user=user, drop_env=option_variables())
+
+
+def option_variables() -> frozenset[str]:
+    """The REUSEPORT_STANDBY_<OPTION> variables of 'supervise' and 'run' (not the ones the instances read,
+    which 'run' sets itself): 'run' passes its children none of them.  Its supervisor gets its whole
+    configuration on its command line, where a default is left out: a variable it inherited would
+    then win over what 'run' was told."""
+    p = build_parser(environ={})
+    subs = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices
+    shared = {"REUSEPORT_STANDBY_SERVICE", "REUSEPORT_STANDBY_CONTROL", "REUSEPORT_STANDBY_SCOPE"}
+    found = {*envopts.names(subs["supervise"]), *envopts.names(subs["run"]), ENV_LOG_LEVEL}
+    return frozenset(found - shared)
 
 
 def cmd_admin(args: argparse.Namespace) -> int:
@@ -319,7 +552,9 @@ def cmd_admin(args: argparse.Namespace) -> int:
     elif args.command in ("drain", "undrain"):
         msg["role"] = args.role
     reply = client.admin(args.service, msg, args.control)
-    if args.command == "weight":
+    if args.json:
+        print(json.dumps(reply, sort_keys=True))
+    elif args.command == "weight":
         print(printable(f"standby weight: {reply['standby_weight']}%"))
     elif args.command == "promote":
         print(printable(f"promoted: instance(s) {reply['primary']} now primary, {reply['standby']} now standby"))
@@ -331,8 +566,15 @@ def cmd_admin(args: argparse.Namespace) -> int:
 def cmd_reload(args: argparse.Namespace) -> int:
     from .run_client import request_reload
 
-    result = request_reload(args.service, args.control, args.timeout)
-    print("reloaded: " + ", ".join(f"{r['role']} pid {r['pid']}" for r in result["replaced"]) + f" in {result['seconds']} s")
+    def progress(event: dict[str, Any]) -> None:
+        print(printable(f"reload: {event.get('progress')}"), file=sys.stderr, flush=True)
+
+    result = request_reload(args.service, args.control, args.timeout, progress=progress)
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        print("reloaded: " + ", ".join(f"{r['role']} pid {r['pid']}" for r in result["replaced"])
+              + f" in {result['seconds']} s")
     return EXIT_OK
 
 
@@ -346,9 +588,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo(args.duration, args.server, args.baseline, args.concurrency, args.out)
 
 
-COMMANDS = {"supervise": cmd_supervise, "status": cmd_status, "check": cmd_check, "run": cmd_run, "reload": cmd_reload, "demo": cmd_demo,
-            "weight": cmd_admin, "promote": cmd_admin, "drain": cmd_admin, "undrain": cmd_admin,
-            "uvicorn": uvicorn_cli.command, "init": project_conf.command}
+#: (name, how to add its parser, what runs it), in --help's order.  A new subcommand is one more row.
+SUBCOMMANDS: list[tuple[str, Callable[[Any], argparse.ArgumentParser], Callable[[argparse.Namespace], int]]] = [
+    ("supervise", add_supervise, cmd_supervise),
+    ("status", add_status, cmd_status),
+    ("check", add_check, cmd_check),
+    ("run", add_run, cmd_run),
+    ("reload", add_reload, cmd_reload),
+    ("weight", add_weight, cmd_admin),
+    ("promote", add_promote, cmd_admin),
+    ("drain", _add_drain("drain", "stop sending new connections to an instance without stopping it"), cmd_admin),
+    ("undrain", _add_drain("undrain", "send new connections to a drained or demoted instance again"), cmd_admin),
+    ("demo", add_demo, cmd_demo),
+    ("uvicorn", uvicorn_cli.add_parser, uvicorn_cli.command),
+    ("init", project_conf.add_parser, project_conf.command),
+]
+COMMANDS = {name: run for name, _, run in SUBCOMMANDS}
 
 if __name__ == "__main__":
     raise SystemExit(main())

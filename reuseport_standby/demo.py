@@ -4,13 +4,15 @@ Starts ``reuseport-standby run`` around the bundled app (Flask under
 gunicorn, or ASGI under uvicorn) on a free loopback port, drives load from
 the built-in client (a new connection per request), restarts the primary
 (SIGTERM, then SIGKILL of its main process) and does a rolling reload, then
-prints what the clients saw and draws a PNG timeline.  ``--baseline`` runs
+prints what the clients saw and draws a PNG timeline (with matplotlib; without
+it, the table says it all).  ``--baseline`` runs
 the same script against two plain ``SO_REUSEPORT`` instances with no BPF,
 to show what is otherwise lost.  Exits 0 only when nothing failed.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -106,7 +108,7 @@ class WithStandby:
         os.kill(self.primary_pid(), signal.SIGKILL)
 
     def reload(self) -> None:
-        request_reload(self.service, self.control)
+        request_reload(self.service, self.control, progress=lambda step: say(f"           {step['progress']}"))
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -203,6 +205,30 @@ uvicorn.Server(uvicorn.Config("reuseport_standby.demo_app:asgi_app", log_level="
 """
 
 
+#: what to install for the PNG timeline (the table needs nothing)
+PICTURE_HINT = "pip install 'reuseport-standby[demo]' (matplotlib) for the timeline picture"
+
+
+def can_draw() -> bool:
+    """Whether matplotlib can be imported (asked first, so the demo says so before its 20 s, not after)."""
+    try:
+        return importlib.util.find_spec("matplotlib") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def load_so_far(load: Load) -> str:
+    """Requests so far, and how many failed (read without the load's lock: a progress line may be a
+    request behind)."""
+    r = load.result
+    return f"{r.ok + sum(r.failures.values())} requests so far, {sum(r.failures.values())} failed"
+
+
+def say(text: str) -> None:
+    """A progress line, as it happens (the demo runs for a while; output may be a pipe)."""
+    print(text, flush=True)
+
+
 def demo(duration: float = 20.0, server: str = "gunicorn", baseline: bool = False, concurrency: int = 16,
          out: Path | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="rs-demo-"))
@@ -211,10 +237,15 @@ def demo(duration: float = 20.0, server: str = "gunicorn", baseline: bool = Fals
     contender = (PlainReuseport if baseline else WithStandby)(server, port, tmp)
     marks: list[tuple[float, str]] = []
     errors: list[str] = []
+    drawing = can_draw()
     try:
-        print(f"{contender.name}: {server}, 2 workers per instance, on 127.0.0.1:{port}; "
-              f"load: {concurrency} clients, a new connection per request, {duration:.0f} s")
+        say(f"{contender.name}: {server}, 2 workers per instance, on 127.0.0.1:{port}; "
+            f"load: {concurrency} clients, a new connection per request, {duration:.0f} s")
+        if not drawing:
+            say(f"no matplotlib: the results as a table only; {PICTURE_HINT}")
+        say("starting the primary and the standby...")
         contender.wait_ready()
+        say("both serve; load starts")
         span = duration / 5
         steps = [Step(span * 1, "primary SIGTERM", contender.term_primary),
                  Step(span * 2, "primary SIGKILL", contender.kill_primary),
@@ -229,22 +260,32 @@ def demo(duration: float = 20.0, server: str = "gunicorn", baseline: bool = Fals
                 time.sleep(delay)
             try:
                 contender.wait_ready()  # a restart is only meaningful once both are back
-                marks.append((time.monotonic() - load._start, step.label))
+                at = time.monotonic() - load._start
+                marks.append((at, step.label))
+                say(f"  {at:5.1f} s  {step.label}  ({load_so_far(load)})")
                 step.action()
             except (ReuseportStandbyError, OSError) as exc:
                 errors.append(f"{step.label}: {exc}")
+                say(f"  {step.label} failed: {exc}")
         time.sleep(span)
         result = load.stop()
+        say(f"  {time.monotonic() - load._start:5.1f} s  load stopped")
     finally:
         contender.stop()
         if isinstance(contender, WithStandby):
             _remove_pins(Path(DEFAULT_PIN_ROOT) / contender.service)  # a demo leaves nothing pinned behind
     png = out or Path(tempfile.gettempdir()) / f"reuseport-standby-demo{'-baseline' if baseline else ''}.png"
     report(result, contender.name, png, marks)
-    from .timeline import draw
+    if drawing:
+        from .timeline import draw
 
-    draw(result.events, marks, png, f"{contender.name} — {server}: {result.summary()}")
-    print(f"timeline: {png}")
+        try:
+            draw(result.events, marks, png, f"{contender.name} — {server}: {result.summary()}")
+            print(f"timeline: {png}")
+        except ImportError:  # found but broken (a missing backend library...)
+            drawing = False
+    if not drawing:
+        print(f"no timeline picture: {PICTURE_HINT}")
     for e in errors:
         print(f"error: {e}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -13,7 +13,7 @@ from .kernel.layout import Role
 
 __all__ = ["Role", "State", "Scope", "ENV_ROLE", "ENV_SERVICE", "ENV_CONTROL", "ENV_SCOPE",
            "ENV_CONNECT_TIMEOUT", "ENV_GENERATION", "ENV_SECCOMP", "ENV_USER", "ENV_GROUP",
-           "ENV_ACCEPT_AHEAD", "ENV_KEEPALIVE_DRAIN"]
+           "ENV_ACCEPT_AHEAD", "ENV_KEEPALIVE_DRAIN", "ENV_LOG_LEVEL", "ENV_LOG_FORMAT"]
 
 #: the role an instance serves (primary / standby)
 ENV_ROLE = "REUSEPORT_STANDBY_ROLE"
@@ -37,6 +37,11 @@ ENV_GROUP = "REUSEPORT_STANDBY_GROUP"
 ENV_ACCEPT_AHEAD = "REUSEPORT_STANDBY_ACCEPT_AHEAD"
 #: uvicorn: seconds a stopping instance waits for the next request of an idle keep-alive connection (0: none)
 ENV_KEEPALIVE_DRAIN = "REUSEPORT_STANDBY_KEEPALIVE_DRAIN"
+#: --log-level / --log-format of every command (``run`` sets the format for its instances)
+ENV_LOG_LEVEL = "REUSEPORT_STANDBY_LOG_LEVEL"
+ENV_LOG_FORMAT = "REUSEPORT_STANDBY_LOG_FORMAT"
+# Besides these, every option of ``supervise`` and ``run`` reads REUSEPORT_STANDBY_<OPTION> (envopts.py);
+# SERVICE, CONTROL, USER, GROUP and SCOPE above are such options too, with the same meaning.
 
 
 class State(str, enum.Enum):

@@ -7,10 +7,14 @@ process machinery).
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import os
+import select
+import time
+from typing import Any, Callable
 
 from . import client, protocol
-from .errors import SupervisorUnavailable
+from .errors import ProtocolError, SupervisorUnavailable
 
 
 def run_socket_path(control_path: str) -> str:
@@ -19,9 +23,29 @@ def run_socket_path(control_path: str) -> str:
     return base + ".run.sock"
 
 
-def request_reload(service: str, control: str | None = None, timeout: float = 600.0) -> dict[str, Any]:
-    """Ask a running ``reuseport-standby run`` to do a rolling reload, and wait for the outcome."""
-    return _ask_run(service, control, {"op": "reload"}, timeout)
+def request_reload(service: str, control: str | None = None, timeout: float = 600.0,
+                   progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Ask a running ``reuseport-standby run`` to do a rolling reload, and wait for the outcome.
+
+    With ``progress``, each step is passed to it as it happens (``{"progress": TEXT, "step": ...}``);
+    a runner too old to send steps just sends the outcome."""
+    if progress is None:
+        return _ask_run(service, control, {"op": "reload"}, timeout)
+    path = run_socket_path(protocol.control_path(service, control))
+    sock = _connect(service, path)
+    with sock:
+        protocol.send(sock, {"op": "reload", "progress": True})
+        deadline = time.monotonic() + timeout
+        while True:
+            raw = _recv_by(sock, deadline)
+            try:
+                msg = json.loads(raw)
+            except (UnicodeDecodeError, ValueError):
+                msg = None  # parse_reply says what is wrong with it
+            if isinstance(msg, dict) and "progress" in msg and "ok" not in msg and "chunk" not in msg:
+                progress(msg)
+                continue
+            return protocol.parse_reply(protocol.join_reply(raw, lambda: _recv_by(sock, deadline)))
 
 
 def run_status(service: str, control: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
@@ -29,12 +53,29 @@ def run_status(service: str, control: str | None = None, timeout: float = 5.0) -
     return _ask_run(service, control, {"op": "status"}, timeout)["run"]
 
 
-def _ask_run(service: str, control: str | None, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
-    path = run_socket_path(protocol.control_path(service, control))
+def _connect(service: str, path: str) -> Any:
     try:
-        sock = client.connect(path)
+        return client.connect(path)
     except SupervisorUnavailable:
         raise SupervisorUnavailable(f"no 'reuseport-standby run' for service {service!r} answers at {path}") from None
+
+
+def _recv_by(sock: Any, deadline: float) -> bytes:
+    """The next message, by ``deadline``."""
+    if not select.select([sock], [], [], max(0.0, deadline - time.monotonic()))[0]:
+        raise SupervisorUnavailable("'reuseport-standby run' did not finish the reload in time "
+                                    "(it goes on; see 'reuseport-standby status')")
+    raw, fds, _ = protocol.recv(sock)
+    for fd in fds:
+        os.close(fd)
+    if not raw:
+        raise ProtocolError("closed", "'reuseport-standby run' closed the connection before the outcome")
+    return raw
+
+
+def _ask_run(service: str, control: str | None, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
+    path = run_socket_path(protocol.control_path(service, control))
+    sock = _connect(service, path)
     with sock:
         reply, _ = client.request(sock, msg, timeout=timeout)
         return reply

@@ -40,7 +40,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from . import client, protocol
 from .children import Orphans, become_subreaper, has_exited, my_children, send
@@ -146,16 +146,19 @@ class RunConfig:
     stop_timeout: float = 30.0
     extra_env: dict[str, str] = field(default_factory=dict)
     user: InstanceUser | None = None
+    #: variables of our own options (REUSEPORT_STANDBY_BIND...) that no child inherits (cli.option_variables)
+    drop_env: frozenset[str] = frozenset()
 
     @property
     def service(self) -> str:
         return self.supervisor.service
 
 
-def child_env() -> dict[str, str]:
+def child_env(drop: frozenset[str] = frozenset()) -> dict[str, str]:
     """Our environment without NOTIFY_SOCKET: under Type=notify, ``run`` tells systemd it is ready (both
-    instances serve), not the supervisor nor gunicorn, which would each say so on their own."""
-    return {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+    instances serve), not the supervisor nor gunicorn, which would each say so on their own.  Nor ``drop``:
+    the variables of ``run``'s own options, which said what ``run`` was told, not what a child is."""
+    return {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET" and k not in drop}
 
 
 class InstanceFailed(ReuseportStandbyError):
@@ -191,6 +194,8 @@ class ReloadJob:
     """A rolling reload, advanced one step per turn of the main loop."""
 
     waiters: list[Future]
+    #: who hears of each step as it happens (the queue of a `reload` client that asked for "progress")
+    listeners: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
     roles: list[Role] = field(default_factory=lambda: [Role.STANDBY, Role.PRIMARY])
     new: Managed | None = None
     old: Managed | None = None
@@ -203,9 +208,10 @@ class ReloadJob:
 class SupervisorChild:
     """The supervisor process: started, pinged, and restarted with backoff when dead or unreachable."""
 
-    def __init__(self, options: SuperviseOptions, control: str) -> None:
+    def __init__(self, options: SuperviseOptions, control: str, drop_env: frozenset[str] = frozenset()) -> None:
         # The control path is fixed here: the instances are told it, whatever the environment says.
         self.cmd = replace(options, control=control).command()
+        self.drop_env = drop_env
         self.service = options.service
         self.control = control
         self.proc: subprocess.Popen | None = None
@@ -225,7 +231,7 @@ class SupervisorChild:
         return self.proc.pid if self.proc is not None and self.proc.returncode is None else None
 
     def spawn(self) -> None:
-        self.proc = subprocess.Popen(self.cmd, env=child_env())
+        self.proc = subprocess.Popen(self.cmd, env=child_env(self.drop_env))
         self.pidfd = os.pidfd_open(self.proc.pid)
         self.state, self.deadline = "starting", time.monotonic() + SUPERVISOR_START_TIMEOUT
         log.info("started the supervisor (pid %d)", self.proc.pid)
@@ -331,10 +337,10 @@ class Runner:
         self.last_reload: dict[str, Any] | None = None
         self._generation = 0
         self._stopping = threading.Event()
-        self._requests: queue.SimpleQueue[Future] = queue.SimpleQueue()
+        self._requests: queue.SimpleQueue[tuple[Future, Callable[[dict[str, Any]], None] | None]] = queue.SimpleQueue()
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
-        self.supervisor = SupervisorChild(cfg.supervisor, self.control)
+        self.supervisor = SupervisorChild(cfg.supervisor, self.control, cfg.drop_env)
         self._server: socket.socket | None = None
         self._reload_requested = False
         self._snapshot: dict[str, Any] = {}
@@ -371,7 +377,7 @@ class Runner:
     # -- instances ---------------------------------------------------------------------------
     def spawn(self, role: Role) -> Managed:
         self._generation += 1
-        env = {**child_env(), **self.cfg.extra_env, ENV_ROLE: role.value,
+        env = {**child_env(self.cfg.drop_env), **self.cfg.extra_env, ENV_ROLE: role.value,
                ENV_SERVICE: self.cfg.service, ENV_CONTROL: self.control,
                ENV_GENERATION: str(self._generation)}
         user = self.cfg.user
@@ -473,15 +479,28 @@ class Runner:
                     log.error("%s; next attempt in 5 s", exc)
 
     # -- rolling reload --------------------------------------------------------------------------
-    def begin_reload(self, fut: Future | None = None) -> None:
+    def begin_reload(self, fut: Future | None = None, listener: Callable[[dict[str, Any]], None] | None = None) -> None:
         waiters = [fut] if fut is not None else []
         if self.reload_job is not None:
             for f in waiters:
                 f.set_exception(ReuseportStandbyError("a reload is already in progress"))
             log.warning("a reload is already in progress")
             return
-        log.info("rolling reload: standby, then primary")
-        self.reload_job = ReloadJob(waiters)
+        self.reload_job = ReloadJob(waiters, listeners=[listener] if listener is not None else [])
+        self._progress("rolling reload: standby, then primary", step="begin")
+
+    def _progress(self, text: str, **fields: Any) -> None:
+        """One step of the reload: logged, and told to the clients that asked to hear (never blocks)."""
+        log.info("%s", text)
+        job = self.reload_job
+        if job is None:
+            return
+        event = {"progress": text, "seconds": round(time.monotonic() - job.started, 2), **fields}
+        for listener in job.listeners:
+            try:
+                listener(event)
+            except Exception:  # a listener is a queue put; whatever it does, the reload goes on
+                log.debug("a reload progress listener failed", exc_info=True)
 
     def _finish_reload(self, result: dict[str, Any] | None, error: Exception | None) -> None:
         job = self.reload_job
@@ -511,6 +530,9 @@ class Runner:
                 self._finish_reload(None, exc)
                 return
             job.phase, job.deadline = "ready", now + self.cfg.ready_timeout
+            self._progress(f"started new {role.value} pid {job.new.pid}; waiting up to "
+                           f"{self.cfg.ready_timeout:.0f} s for it to serve", step="started", role=role.value,
+                           pid=job.new.pid)
             return
         new = job.new
         assert new is not None
@@ -525,7 +547,9 @@ class Runner:
                 if job.old is not None:
                     self.retire(job.old)
                 job.phase = "drain"
-                log.info("reload: new %s pid %d is serving", role.value, new.pid)
+                old = f"; stopping old pid {job.old.pid}" if job.old is not None else ""
+                self._progress(f"new {role.value} pid {new.pid} is serving{old}", step="serving", role=role.value,
+                               pid=new.pid, old_pid=None if job.old is None else job.old.pid)
             elif now > job.deadline:
                 self.retire(new, timeout=5)
                 self._finish_reload(None, InstanceFailed(
@@ -533,6 +557,9 @@ class Runner:
                     f"; rolled back, the old {role.value} keeps serving"))
             return
         if job.old is None or job.old.reaped:  # drain: the old one is gone
+            if job.old is not None:
+                self._progress(f"old {role.value} pid {job.old.pid} stopped", step="stopped", role=role.value,
+                               pid=job.old.pid)
             job.done.append({"role": role.value, "pid": new.pid, "generation": new.generation})
             job.roles.pop(0)
             job.new = job.old = None
@@ -543,10 +570,14 @@ class Runner:
 
     def reload(self, timeout: float | None = None) -> dict[str, Any]:
         """From another thread: ask the main loop for a rolling reload and wait for its outcome."""
+        return self.submit_reload().result(timeout)
+
+    def submit_reload(self, listener: Callable[[dict[str, Any]], None] | None = None) -> Future:
+        """From another thread: ask the main loop for a rolling reload; ``listener`` hears each step."""
         fut: Future = Future()
-        self._requests.put(fut)
+        self._requests.put((fut, listener))
         self._wake()
-        return fut.result(timeout)
+        return fut
 
     def _wake(self) -> None:
         try:
@@ -608,7 +639,7 @@ class Runner:
         if not isinstance(msg, dict) or msg.get("op") != "reload":
             return protocol.error_reply("unknown_op", "this socket takes only {\"op\": \"reload\"} and {\"op\": \"status\"}")
         try:
-            return self.reload()
+            return self._stream_reload(conn) if msg.get("progress") is True else self.reload()
         except InstanceFailed as exc:
             return protocol.error_reply("rolled_back", str(exc))
         except (ReuseportStandbyError, ValueError, OSError) as exc:
@@ -616,6 +647,29 @@ class Runner:
         except Exception as exc:  # whatever went wrong, `reload` hears of it instead of a closed connection
             log.exception("reload failed")
             return protocol.error_reply("internal", f"{type(exc).__name__}: {exc}")
+
+    def _stream_reload(self, conn: socket.socket) -> dict[str, Any]:
+        """A reload whose steps are sent as they happen, each a message ``{"progress": TEXT, "step": ...}``
+        (no ``ok``: a client tells them from the reply, which follows them).  A client that does not
+        read them is no longer sent any; the reload goes on."""
+        events: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        fut = self.submit_reload(events.put)
+        listening = True
+        while True:
+            done = fut.done()
+            while listening:
+                try:
+                    event = events.get(timeout=0 if done else 0.2)
+                except queue.Empty:
+                    break
+                try:
+                    protocol.send_reply(conn, event)
+                except (OSError, ProtocolError, TypeError, ValueError):
+                    listening = False
+            if done:
+                return fut.result()
+            if not listening:
+                fut.exception()  # wait for the outcome without the events
 
     def _update_snapshot(self) -> None:
         """What ``{"op": "status"}`` answers (read by request threads: replaced whole, never mutated)."""
@@ -665,7 +719,7 @@ class Runner:
                     continue
                 self._serve_request(conn)
         while not self._requests.empty():
-            self.begin_reload(self._requests.get_nowait())
+            self.begin_reload(*self._requests.get_nowait())
         if self._reload_requested:
             self._reload_requested = False
             self.begin_reload()
@@ -708,7 +762,7 @@ class Runner:
             for f in job.waiters:
                 f.set_exception(ReuseportStandbyError("run is stopping: reload abandoned"))
         while not self._requests.empty():
-            self._requests.get_nowait().set_exception(ReuseportStandbyError("run is stopping"))
+            self._requests.get_nowait()[0].set_exception(ReuseportStandbyError("run is stopping"))
         standby = [m for m in self.live if m is not self.current[Role.PRIMARY]]
         self._stop_and_wait(standby)
         self._stop_and_wait(list(self.live))

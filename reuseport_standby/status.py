@@ -8,7 +8,7 @@ from typing import Any
 
 from . import client, protocol
 from .kernel import diag
-from .errors import SupervisorUnavailable
+from .errors import ReuseportStandbyError, SupervisorUnavailable
 from .kernel.pins import DEFAULT_PIN_ROOT
 from .kernel.group import Group
 from .kernel.sockets import Address
@@ -38,7 +38,6 @@ def run_report(service: str, control: str | None) -> dict[str, Any] | None:
 
     The runner restarts a dead or unreachable supervisor with backoff; while it cannot, this is
     where the operator sees why: the supervisor itself is not there to say."""
-    from .errors import ReuseportStandbyError
     from .run_client import run_status
 
     try:
@@ -62,9 +61,14 @@ def offline(service: str, pin_root: str, reason: str) -> dict[str, Any]:
     queues = diag.listeners()
     addresses = []
     for pin in pins:
-        address = Address.parse(pin.name.replace("_", "."))
-        with Group.adopt(pin) as group:
-            addresses.append(address_status(address, group, queues))
+        try:
+            address = Address.parse(pin.name.replace("_", "."))
+            with Group.adopt(pin) as group:
+                addresses.append(address_status(address, group, queues))
+        except (OSError, ValueError, ReuseportStandbyError) as exc:  # a partial or foreign pin directory
+            raise SupervisorUnavailable(
+                f"{reason}; and {pin} is not a complete pin directory of this program ({exc}): start the "
+                f"supervisor of service {service!r}, or remove {base} if the service is gone") from None
     return {"source": "pins", "service": service, "supervisor": None, "supervisor_error": reason,
             "addresses": addresses, "instances": []}
 
