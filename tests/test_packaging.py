@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import email.parser
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -39,6 +40,8 @@ def need(module: str) -> None:
 
 def run(cmd: list[str], *, cwd: Path, timeout: float = 120, env: dict[str, str] | None = None
         ) -> subprocess.CompletedProcess[str]:
+    if env is None:  # a PYTHONPATH onto a checkout would make pip see the package as installed already
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     assert r.returncode == 0, f"{' '.join(cmd)} exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r
