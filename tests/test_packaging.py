@@ -243,7 +243,7 @@ def test_tested_ranges_agree_everywhere() -> None:
     bounds: dict[str, set[str]] = {}
     for reqs in extras.values():
         for req in reqs:
-            m = re.match(r"(gunicorn|uvicorn-worker|uvicorn)(>=[^,]+,<.+)$", req)
+            m = re.match(r"(gunicorn|uvicorn-worker|uvicorn)(?:\[[\w,-]+\])?(>=[^,]+,<.+)$", req)
             if m:
                 bounds.setdefault(m[1], set()).add(m[2])
             else:
