@@ -104,7 +104,8 @@ def wheel_metadata(wheel: Path) -> email.message.Message:
 def test_metadata_says_where_the_project_lives_and_what_each_extra_is_for(dists: Dists) -> None:
     meta = wheel_metadata(dists.wheel)
     assert meta["Version"] == VERSION
-    assert meta["License-Expression"] == "Apache-2.0" and meta.get_all("License-File") == ["LICENSE"]
+    assert meta["License-Expression"] == "Apache-2.0", meta["License-Expression"]
+    assert meta.get_all("License-File") == ["LICENSE"], "the wheel carries no LICENSE (license-files)"
     urls = dict(u.split(", ", 1) for u in meta.get_all("Project-URL"))
     assert set(urls) >= {"Homepage", "Documentation", "Issues", "Changelog"}, urls
     assert all(u.startswith("https://github.com/reuseport-standby/reuseport-standby") for u in urls.values())
