@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: host venv test test-fast demo bpf bpf-check bench bench-restarts vm-test clean
+.PHONY: host venv test test-fast test-compat demo bpf bpf-check bench bench-restarts vm-test clean
 
 host:
 	@bash scripts/setup-host.sh
@@ -24,6 +24,12 @@ test: host venv bpf-check
 # The tests that need neither root nor BPF (marked automatically: tests/conftest.py).
 test-fast: venv
 	$(PY) -m pytest -m "not kernel" -q $(PYTEST_ARGS)
+
+# The gunicorn and uvicorn suites against the oldest and the newest versions
+# the extras allow (tox.ini compat-oldest, compat-newest; ~4 minutes each).
+test-compat: host venv bpf-check
+	$(PY) -m pip install -q 'tox>=4.20'
+	$(VENV)/bin/tox -e compat-oldest,compat-newest -- $(PYTEST_ARGS)
 
 demo: host venv
 	$(VENV)/bin/reuseport-standby demo
@@ -50,4 +56,4 @@ vm-test: venv
 	PYTHON=$(PY) bash scripts/vm/run-vm.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist .tox *.egg-info
