@@ -1,4 +1,4 @@
-# Everything a fresh Debian/Ubuntu machine needs, as root:
+# Everything a fresh Debian 12 machine needs, as root:
 #   make demo   - set up, then run the demonstration
 #   make test   - set up, then run the whole test suite
 PYTHON ?= python3

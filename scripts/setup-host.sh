@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepares a Debian/Ubuntu host (as root) for reuseport-standby's demo and tests:
+# Prepares a Debian 12 host (as root) for reuseport-standby's demo and tests:
 # the system libbpf, clang + libbpf headers (to rebuild and check the BPF object),
 # bpftool and iproute2 (nstat/ss, used by tests and benchmarks), BCC and kernel
 # headers (for the optional BCC loader), and a mounted bpffs.
