@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence
 
 from .names import ENV_LOG_FORMAT, ENV_LOG_LEVEL, ENV_SCOPE, State
 from . import __version__, envopts, logs, project_conf, protocol, uvicorn_cli
-from .errors import ReuseportStandbyError, SupervisorUnavailable, UsageError
+from .errors import ControlSocketDenied, ReuseportStandbyError, SupervisorUnavailable, UsageError
 from .kernel.pins import DEFAULT_PIN_ROOT
 from .kernel.sockets import DEFAULT_BACKLOG, Address
 
@@ -334,6 +334,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.log_level_value, args.log_format = level, fmt
         logs.setup(level, fmt)
         return COMMANDS[args.command](args)
+    except ControlSocketDenied as exc:  # a supervisor may run: not "not running"
+        _say(str(exc))
+        return EXIT_ERROR
     except SupervisorUnavailable as exc:
         _say(str(exc))
         return EXIT_NOT_RUNNING
@@ -455,7 +458,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                 if args.alive:  # no supervisor is no sign of a hung instance: never restart instances for it
                     _say(f"{exc} (--alive passes)")
                     return _check_result(args, EXIT_OK, None, pid)
-                code, problem = EXIT_NOT_RUNNING, str(exc)
+                code, problem = EXIT_ERROR if isinstance(exc, ControlSocketDenied) else EXIT_NOT_RUNNING, str(exc)
             else:
                 problem = check_status(st, pid, args.alive)
                 code = EXIT_ERROR if problem else EXIT_OK

@@ -19,7 +19,7 @@ import weakref
 from typing import Any
 
 from . import protocol
-from .errors import ProtocolError, SupervisorUnavailable
+from .errors import ControlSocketDenied, ProtocolError, SupervisorUnavailable
 from .kernel.layout import Role
 from .kernel.sockets import Address
 
@@ -56,9 +56,8 @@ def connect(path: str, timeout: float = 0.0) -> socket.socket:
             delay = min(delay * 2, 0.5)
         except PermissionError:
             sock.close()
-            raise SupervisorUnavailable(
-                f"no permission to connect to {path}: run the app as a member of the supervisor's --group",
-                see="control-socket-permissions") from None
+            raise ControlSocketDenied(
+                f"no permission to connect to {path}: run the app as a member of the supervisor's --group") from None
 
 
 def request(sock: socket.socket, msg: dict[str, Any], fds: list[int] | None = None,

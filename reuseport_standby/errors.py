@@ -77,3 +77,10 @@ class SupervisorUnavailable(ReuseportStandbyError):
     """No supervisor answers on the control socket."""
 
     see = "supervisor-not-running"
+
+
+class ControlSocketDenied(SupervisorUnavailable, PermissionProblem):
+    """The control socket refuses this user: a supervisor may well run, so this is not "not running"
+    (exit status 1, not 3), though callers that retry an absent supervisor treat it alike."""
+
+    see = "control-socket-permissions"

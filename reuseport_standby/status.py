@@ -8,7 +8,7 @@ from typing import Any
 
 from . import client, protocol
 from .kernel import diag
-from .errors import ReuseportStandbyError, SupervisorUnavailable
+from .errors import ControlSocketDenied, ReuseportStandbyError, SupervisorUnavailable
 from .kernel.pins import DEFAULT_PIN_ROOT
 from .kernel.group import Group
 from .kernel.sockets import Address
@@ -25,6 +25,8 @@ def instance_state(doc: dict[str, Any], pid: int) -> str | None:
 def collect(service: str, control: str | None = None, pin_root: str = DEFAULT_PIN_ROOT) -> dict[str, Any]:
     try:
         return {"source": "supervisor", **client.query(service, "status", control)["status"]}
+    except ControlSocketDenied:
+        raise  # the supervisor may well run: say so rather than show the pins as if it did not
     except SupervisorUnavailable as exc:
         st = offline(service, pin_root, reason=str(exc))
         run = run_report(service, control)

@@ -58,8 +58,9 @@ def test_libbpf_missing_says_what_to_install(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(ctypes, "CDLL", no_such_library)
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
     try:
-        with pytest.raises(BpfUnavailable, match="apt-get install libbpf1"):
+        with pytest.raises(BpfUnavailable, match="apt-get install libbpf1") as err:
             libbpf.load()
+        assert str(err.value).endswith("(see docs/troubleshooting.md#libbpf-missing-or-too-old)")
     finally:
         monkeypatch.undo()
         libbpf.load.cache_clear()

@@ -12,35 +12,20 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import re
-import shlex
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from helpers.procs import REPO, SupervisorProc
-from helpers.servers import InstanceProc
-from helpers.uvicorn_runs import Instances
+from helpers.uvicorn_runs import Instances, restart_example
 
 from reuseport_standby.kernel.sockets import Address
 from reuseport_standby.loadgen import Load
 
 EXAMPLE = REPO / "examples" / "fastapi_app"
 CONCURRENCY = 6
-
-
-def readme_commands(readme: Path) -> dict[str, list[str]]:
-    """The ``reuseport-standby uvicorn`` command of each role, as the README shows it."""
-    found = {}
-    for line in readme.read_text().splitlines():
-        m = re.fullmatch(r"\s*(reuseport-standby uvicorn --role (primary|standby) .+)", line)
-        if m:
-            found[m.group(2)] = shlex.split(m.group(1))
-    assert set(found) == {"primary", "standby"}, f"{readme} lacks a primary or a standby command"
-    return found
 
 
 def request(host: str, port: int, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
@@ -57,26 +42,12 @@ def request(host: str, port: int, method: str, path: str, body: dict | None = No
 @pytest.mark.kernel
 def test_fastapi_example_serves_through_restarts(supervisor, instances: Instances) -> None:
     """SIGTERM the primary, the standby, the primary again under load: every request is answered."""
-    pytest.importorskip("fastapi")
-    commands = readme_commands(EXAMPLE / "README.md")
     sup: SupervisorProc = supervisor()
+    result = restart_example(sup, instances, EXAMPLE, CONCURRENCY)
     address = Address.parse(sup.binds[0])
     host, port = address.host, address.port
-    env = {"WARMUP_SECONDS": "1"}  # the README's 3 s, shortened to keep the suite quick
-
-    def start(role: str) -> InstanceProc:
-        return instances.track(InstanceProc(commands[role], sup, role, env=env, cwd=EXAMPLE)).start()
-
-    running = {role: start(role).wait_active() for role in ("standby", "primary")}
     status, hello = request(host, port, "GET", "/")
     assert status == 200 and hello["role"] == "primary" and hello["message"] == "hello", hello
-    with Load(host, port, concurrency=CONCURRENCY, duration=90) as load:
-        time.sleep(0.3)
-        for role in ("primary", "standby", "primary"):
-            running[role].stop(signal.SIGTERM)
-            running[role] = start(role).wait_active()
-            time.sleep(0.3)
-    result = load.result
     print(f"\n[example fastapi_app] {result.summary()}")
     assert result.failed == 0 and result.max_latency < 1.0, result.summary()
     assert result.ok > 100
@@ -116,7 +87,6 @@ def test_contrast_plain_reuseport_loses_requests_at_the_same_sigterm() -> None:
     """Without the supervisor's program, SIGTERM of one of two plain SO_REUSEPORT uvicorns resets the
     connections the kernel kept hashing to its listener while it shut down.  Up to 5 restarts, stopping
     at the first loss; bounded in time by the load's own duration."""
-    pytest.importorskip("fastapi")
     from conftest import free_port
 
     port = free_port()

@@ -181,6 +181,7 @@ def test_slots_full_is_a_clear_error(control_plane) -> None:
     with pytest.raises(ProtocolError) as err:
         extra.open()
     assert err.value.code == "SlotsFull" and "standby slots" in str(err.value)
+    assert str(err.value).count("(see docs/troubleshooting.md#slots-full)") == 1, err.value  # relayed, pointer once
     # a primary still fits
     p = InstanceClient("primary", sup.service, control=sup.control, reconnect=False)
     for s in p.open():

@@ -106,26 +106,6 @@ def test_bpffs_missing_names_its_section(tmp_path: Path) -> None:
     assert str(err.value).endswith("(see docs/troubleshooting.md#bpffs-not-mounted)")
 
 
-def test_libbpf_missing_names_its_section(monkeypatch: pytest.MonkeyPatch) -> None:
-    import ctypes
-
-    from reuseport_standby.kernel import libbpf
-
-    def no_such_library(name, *a, **k):
-        raise OSError(f"{name}: cannot open shared object file: No such file or directory")
-
-    libbpf.load.cache_clear()
-    monkeypatch.setattr(ctypes, "CDLL", no_such_library)
-    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
-    try:
-        with pytest.raises(BpfUnavailable, match="libbpf-missing-or-too-old"):
-            libbpf.load()
-    finally:
-        monkeypatch.undo()
-        libbpf.load.cache_clear()
-
-
-@pytest.mark.skipif(not shutil.which("cc"), reason="needs a C compiler to build a libbpf 0.5 stand-in")
 def test_libbpf_too_old_is_refused_by_version(tmp_path: Path) -> None:
     """A real shared library answering version 0.5 (Ubuntu 22.04's libbpf0) found first by the dynamic
     linker: refused by name and version, in one line, instead of half working with 0.x's errno convention."""
@@ -240,30 +220,6 @@ def test_bcc_without_headers_names_its_section(pin_root: Path, short_tmp: Path) 
     (line,) = [l for l in r.stderr.splitlines() if l.startswith("reuseport-standby: ")]
     assert "BCC compiles against kernel headers" in line and "linux-headers" in line, line
     assert line.endswith("(see docs/troubleshooting.md#bcc-module-or-kernel-headers-missing)"), line
-
-
-def test_slots_full_reaches_the_instance_with_its_section(control_plane) -> None:
-    """Relayed by the supervisor as an error reply, the message keeps its pointer, once."""
-    from reuseport_standby.client import InstanceClient
-
-    sup = control_plane()
-    clients = []
-    try:
-        for _ in range(32):
-            c = InstanceClient("standby", sup.service, control=sup.control, reconnect=False)
-            for s in c.open():
-                s.close()
-            c.ready()
-            clients.append(c)
-        extra = InstanceClient("standby", sup.service, control=sup.control, reconnect=False)
-        with pytest.raises(ProtocolError) as err:
-            extra.open()
-    finally:
-        for c in clients:
-            c.close()
-    message = str(err.value)
-    assert message.startswith("all 32 standby slots of ") and message.count("(see ") == 1, message
-    assert message.endswith("(see docs/troubleshooting.md#slots-full)"), message
 
 
 def test_a_client_in_time_wait_on_the_port_names_the_port_section() -> None:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shlex
 import signal
 import socket
 import sys
@@ -22,7 +20,7 @@ from pathlib import Path
 import pytest
 from helpers.checks import check_traced
 from helpers.procs import REPO, SupervisorProc, wait_for
-from helpers.uvicorn_runs import CONFIGS, Instances
+from helpers.uvicorn_runs import CONFIGS, Instances, restart_example
 from helpers.servers import (
     APPS,
     InstanceProc,
@@ -389,38 +387,13 @@ def test_programmatic_run(supervisor) -> None:
 
 # -- the example, with the commands its README gives ----------------------------------------------
 
-def readme_commands(readme: Path) -> dict[str, list[str]]:
-    """The ``reuseport-standby uvicorn`` command of each role, as the README shows it."""
-    found = {}
-    for line in readme.read_text().splitlines():
-        m = re.fullmatch(r"\s*(reuseport-standby uvicorn --role (primary|standby) .+)", line)
-        if m:
-            found[m.group(2)] = shlex.split(m.group(1))
-    assert set(found) == {"primary", "standby"}, f"{readme} lacks a primary or a standby command"
-    return found
-
-
 @pytest.mark.kernel
 def test_example_serves_through_restarts(supervisor, instances: Instances) -> None:
     """examples/asgi_app with its README's commands: restart primary, standby, primary under load."""
-    directory = REPO / "examples" / "asgi_app"
-    commands = readme_commands(directory / "README.md")
     sup = supervisor()
+    result = restart_example(sup, instances, REPO / "examples" / "asgi_app", CONCURRENCY)
     host, port = target(sup)
-    env = {"WARMUP_SECONDS": "1"}  # the README's 3 s, shortened to keep the suite quick
-
-    def start(role: str) -> InstanceProc:
-        return instances.track(InstanceProc(commands[role], sup, role, env=env, cwd=directory)).start()
-
-    running = {role: start(role).wait_active() for role in ("standby", "primary")}
     assert http_get(host, port)[1]["role"] == "primary"
-    with Load(host, port, concurrency=CONCURRENCY, duration=90) as load:
-        time.sleep(0.3)
-        for role in ("primary", "standby", "primary"):
-            running[role].stop(signal.SIGTERM)
-            running[role] = start(role).wait_active()
-            time.sleep(0.3)
-    result = load.result
     print(f"\n[example asgi_app] {result.summary()}")
     assert result.failed == 0 and result.max_latency < 1.0, result.summary()
     assert result.ok > 100
