@@ -546,6 +546,7 @@ def post_worker_init(worker: "Worker") -> None:
                      "reuseport_standby.gunicorn.compose(reuseport_standby.gunicorn.on_starting, your_hook)")
         sys.exit(WORKER_BOOT_ERROR)
     _standby_uvicorn(worker)
+    _pace_asgi(worker)
     _current.watch(worker)
 
 
@@ -564,6 +565,21 @@ def _standby_uvicorn(worker: "Worker") -> None:
 
         if adopt(worker):
             log.debug("reuseport-standby: worker %d serves through StandbyConfig", os.getpid())
+
+
+def _pace_asgi(worker: "Worker") -> None:
+    """gunicorn's own ASGI worker (``-k asgi``) serves each listener with ``loop.create_server(sock=...)`` on
+    a loop it made before this hook: paced, it takes at most REUSEPORT_STANDBY_ACCEPT_AHEAD unread
+    connections from the kernel's queue (0, the default: as it does by itself; reuseport_standby/pacing.py)."""
+    gasgi = sys.modules.get("gunicorn.workers.gasgi")
+    if gasgi is None or not isinstance(worker, gasgi.ASGIWorker):
+        return
+    from . import pacing
+
+    limit = pacing.accept_ahead()
+    if limit:
+        pacing.pace(worker.loop, limit)
+        log.debug("reuseport-standby: asgi worker %d accepts at most %d unread connections", os.getpid(), limit)
 
 
 @_hook
