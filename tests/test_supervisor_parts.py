@@ -243,3 +243,61 @@ def test_sockets_the_kernel_kept_in_slots_are_readopted_whatever_the_quota(broke
         for inst in restarted.registry:
             restarted.close_pending(inst)
         restarted.close()
+
+
+def test_an_idle_service_polls_its_queues_once_a_second_and_a_hang_is_caught_as_fast() -> None:
+    """sock_diag is most of an idle supervisor's CPU: while no connection is selected to an active
+    listener its queue stays empty, so it is polled once per QUIET_POLL, not every tick.  The first
+    connection is seen at the next tick all the same, and a hang demoted stall_timeout after it."""
+    from reuseport_standby.kernel.diag import ListenerQueue
+    from reuseport_standby.supervisor.broker import QUIET_POLL
+
+    address = Address("127.0.0.1", free_port())
+    kernel = FakeKernel()
+    depth: dict[int, int] = {}
+    polls: list[float] = []
+    clock = [0.0]
+
+    def queues() -> dict[int, ListenerQueue]:
+        polls.append(clock[0])
+        return {c: ListenerQueue(cookie=c, family=2, port=address.port, queued=q, backlog=16, uid=0)
+                for c, q in depth.items()}
+
+    b = Broker("idle", [address], backlog=16, open_group=kernel.open_group, queues=queues, stall_timeout=2.0)
+    b.open()
+    held: list[socket.socket] = []
+    try:
+        inst = b.registry.new(None, next(PIDS), USER)
+        _, fds = b.handle(inst, req("hello", role="primary", pid=inst.pid), [])
+        held += [socket.socket(fileno=os.dup(fd)) for fd in fds]
+        b.handle(inst, req("ready"), [])
+        assert inst.state is State.ACTIVE
+        cookie, slot, group = inst.cookies[address], inst.slots[address], kernel.groups[address]
+        depth[cookie] = 0
+        polls.clear()
+
+        def tick(until: float) -> None:
+            while clock[0] < until - 1e-9:
+                clock[0] = round(clock[0] + 0.1, 1)
+                b.check_health(clock[0], lambda what: None)
+
+        tick(5.0)  # idle: 50 ticks
+        assert len(polls) <= 5.0 / QUIET_POLL + 1, polls
+        # Traffic: a connection is selected every tick and accepted at once; every tick polls.
+        before = len(polls)
+        for _ in range(10):
+            group.hits[slot] = group.hits.get(slot, 0) + 1
+            tick(clock[0] + 0.1)
+        assert len(polls) - before == 10
+        # The instance hangs: 3 connections selected at 6.0 s, queued, never accepted.
+        tick(6.0)
+        group.hits[slot] += 3
+        depth[cookie] = 3
+        tick(7.9)
+        assert inst.state is State.ACTIVE
+        tick(8.2)
+        assert inst.state is State.DEMOTED and "waited 2.0 s" in (inst.demoted_for or ""), inst.demoted_for
+    finally:
+        for s in held:
+            s.close()
+        b.close()

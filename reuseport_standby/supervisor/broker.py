@@ -39,6 +39,9 @@ log = logging.getLogger("reuseport_standby.supervisor")
 
 Reply = tuple[dict[str, Any], list[int]]
 
+#: seconds between two sock_diag polls of an idle service at the most (see Broker._quiet)
+QUIET_POLL = 1.0
+
 
 
 def listen_error(address: Address, exc: OSError) -> ReuseportStandbyError:
@@ -542,14 +545,18 @@ class Broker:
         demoted = [i for i in self.registry if i.state is State.DEMOTED]
         if not watched and not demoted:
             return
-        queues = self.queues() if self.stall_timeout and watched else {}
+        queues: dict[int, diag.ListenerQueue] | None = {}
+        hits: dict[tuple[int, Address], int] = {}
+        if self.stall_timeout and watched:
+            hits = self._watched_hits(watched)
+            queues = None if self._quiet(hits, now) else self._poll_queues(watched, hits, now)
         for inst in watched:
             try:
                 reason = health.heartbeat_overdue(inst, now)
-                if not reason and queues:
-                    reason = health.stalled(inst, now, self.stall_timeout, self._progress_facts(inst, queues))
+                if not reason and (queues or queues is None):  # {}: sock_diag unavailable, no stall check
+                    reason = health.stalled(inst, now, self.stall_timeout, self._progress_facts(inst, queues or {}, hits))
                 if reason:
-                    self.demote(inst, reason, queues)
+                    self.demote(inst, reason, self.queues() if queues is None else queues)
             except Exception:  # one instance's trouble must not stop the checks of the others
                 complain(f"health check of {inst.describe()}")
         for inst in demoted:
@@ -560,11 +567,37 @@ class Broker:
             except Exception:
                 complain(f"recovery check of {inst.describe()}")
 
-    def _progress_facts(self, inst: Instance, queues: dict[int, diag.ListenerQueue]) -> dict[Address, tuple[int, int]]:
+    #: the hits of the watched slots at the last sock_diag poll that found every watched queue empty
+    #: (None: a queue was not); while they stay the same nothing was selected to those listeners, so
+    #: their queues are still empty and the poll, most of an idle supervisor's CPU, is skipped
+    _settled: dict[tuple[int, Address], int] | None = None
+    _polled_at = float("-inf")
+
+    def _watched_hits(self, watched: list[Instance]) -> dict[tuple[int, Address], int]:
+        return {(inst.id, address): self.states[address].group.slot_hits([slot])[slot]
+                for inst in watched for address, slot in inst.slots.items()}
+
+    def _quiet(self, hits: dict[tuple[int, Address], int], now: float) -> bool:
+        """Whether the queues are known to be still empty.  A connection that reached a listener without
+        the program (detached for a moment: guard_program) is not counted in its hits: a full poll every
+        QUIET_POLL seconds all the same bounds how long that could go unseen."""
+        return self._settled == hits and now - self._polled_at < QUIET_POLL
+
+    def _poll_queues(self, watched: list[Instance], hits: dict[tuple[int, Address], int],
+                     now: float) -> dict[int, diag.ListenerQueue]:
+        queues = self.queues()
+        self._polled_at = now
+        empty = all(not (q := queues.get(inst.cookies[address])) or not q.queued
+                    for inst in watched for address in inst.slots)
+        self._settled = hits if empty and queues else None
+        return queues
+
+    def _progress_facts(self, inst: Instance, queues: dict[int, diag.ListenerQueue],
+                        hits: dict[tuple[int, Address], int]) -> dict[Address, tuple[int, int]]:
         facts = {}
         for address, slot in inst.slots.items():
             q = queues.get(inst.cookies[address])
-            facts[address] = (self.states[address].group.slot_hits([slot])[slot], q.queued if q else 0)
+            facts[address] = (hits[(inst.id, address)], q.queued if q else 0)
         return facts
 
     def demote(self, inst: Instance, reason: str, queues: dict[int, diag.ListenerQueue]) -> None:

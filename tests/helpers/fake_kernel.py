@@ -38,6 +38,8 @@ class FakeGroup:
         self.attached: list[int] = []
         self.config_writes = 0
         self.closed = False
+        #: connections the program handed to each slot so far (a test raises them as traffic arrives)
+        self.hits: dict[int, int] = {}
 
     def attach(self, sock: socket.socket) -> None:
         self.attached.append(socket_cookie(sock))
@@ -64,7 +66,7 @@ class FakeGroup:
         self.config_writes += 1
 
     def slot_hits(self, indices: "list[int] | range") -> dict[int, int]:
-        return {i: 0 for i in indices}
+        return {i: self.hits.get(i, 0) for i in indices}
 
     def counters(self) -> FakeCounters:
         return FakeCounters()
