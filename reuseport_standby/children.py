@@ -70,13 +70,22 @@ def generation_of(pid: int, name: str) -> str | None:
 
 
 def my_children() -> set[int]:
-    """Every process whose parent is this process (no /proc/PID/task/*/children on every kernel)."""
+    """Every process whose parent is this process.
+
+    From /proc/self/task/*/children (a reparented orphan may land on any of our threads) where the
+    kernel has it (CONFIG_PROC_CHILDREN: Debian's, Ubuntu's, Fedora's kernels); else by reading every
+    /proc/PID/stat, which costs milliseconds per call on a busy host (``run`` calls this 5 times a
+    second: with the full scan, 12.5 ms of CPU per second here, 1.5 in all without)."""
+    try:
+        found: set[int] = set()
+        for task in os.scandir("/proc/self/task"):
+            with open(os.path.join(task.path, "children")) as f:
+                found.update(int(pid) for pid in f.read().split())
+        return found
+    except FileNotFoundError:
+        pass
     me = os.getpid()
-    found = set()
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit() and parent_of(int(entry.name)) == me:
-            found.add(int(entry.name))
-    return found
+    return {int(e.name) for e in os.scandir("/proc") if e.name.isdigit() and parent_of(int(e.name)) == me}
 
 
 @dataclass

@@ -90,6 +90,9 @@ EXIT_STARTUP_FAILURE = STARTUP_FAILURE  # uvicorn's own: the app never started s
 # instance anyway; without it (plain SELECT, kernels before 5.14) this is
 # what keeps a SIGTERM from resetting it.
 STOP_GRACE = 0.2
+#: seconds between two ticks of uvicorn's main loop while a process has no connection and served
+#: nothing since the last tick (uvicorn's own: 0.1 s, kept while it serves)
+IDLE_TICK = 1.0
 
 # How long uvicorn's shutdown waits for a connection it accepted but has
 # heard nothing from yet (see _first_request_grace).
@@ -455,6 +458,33 @@ class _DrainingServer(uvicorn.Server):
     def __init__(self, config: StandbyConfig, before_close: Callable[[], None]) -> None:
         super().__init__(config)
         self._before_close = before_close
+        self._wake: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def main_loop(self) -> None:
+        """uvicorn's main loop (``on_tick``: the date header, exit, --limit-max-requests), but an idle
+        process -- a hot standby, most of its life -- wakes once a second instead of ten times; while
+        it has connections or served since the last tick, every 0.1 s as uvicorn does.  A stop signal
+        wakes it at once (``handle_exit``), so shutdown starts as early as before."""
+        self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
+        counter = 0
+        served = self.server_state.total_requests
+        should_exit = await self.on_tick(counter)
+        while not should_exit:
+            busy = bool(self.server_state.connections) or self.server_state.total_requests != served
+            served = self.server_state.total_requests
+            # on_tick refreshes the date header when the counter is a multiple of 10 (every second)
+            counter = (counter + 1 if busy else (counter // 10 + 1) * 10) % 864000
+            try:
+                await asyncio.wait_for(self._wake.wait(), 0.1 if busy else IDLE_TICK)
+            except asyncio.TimeoutError:
+                pass
+            should_exit = await self.on_tick(counter)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        if self._loop is not None and self._wake is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)  # no lock taken: safe from a signal handler
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self._before_close)
