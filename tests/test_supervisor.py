@@ -42,7 +42,7 @@ def test_peer_outside_group_is_refused(supervisor, short_tmp: Path) -> None:
     run = lambda: subprocess.run([sys.executable, "-c", code, sup.service, sup.control], cwd=REPO,
                                  capture_output=True, text=True, timeout=30).stdout
     # The socket file itself (0660, root) keeps nobody out...
-    assert run().startswith("SupervisorUnavailable no permission")
+    assert run().startswith("ControlSocketDenied no permission")  # a SupervisorUnavailable, exit status 1
     # ...and with the file opened up, SO_PEERCRED still does.
     os.chmod(sup.control, 0o666)
     out = run()
