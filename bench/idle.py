@@ -32,6 +32,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def remove_pins(path: Path) -> None:
+    """Unlink pins bottom-up (bpffs has no recursive rmdir)."""
+    if not path.exists():
+        return
+    for root, dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            os.unlink(os.path.join(root, name))
+        for name in dirs:
+            os.rmdir(os.path.join(root, name))
+    os.rmdir(path)
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / HZ
@@ -95,6 +107,7 @@ def main() -> int:
         os.killpg(plain.pid, signal.SIGTERM)
         run.wait(30)
         plain.wait(30)
+        remove_pins(Path(pin_root))  # a stopped service keeps its pins (for a restart): not a benchmark's
     print(f"idle CPU over {elapsed:.0f} s ({args.server}), ms of CPU per second:")
     for what, pid, ms in rows:
         print(f"  {what:<24} pid {pid:<8} {ms:6.2f}")

@@ -467,7 +467,7 @@ def test_peer_outside_the_group_is_refused(capped, deploy_venv: Path) -> None:
     run = lambda: subprocess.run(outsider, capture_output=True, text=True, timeout=60, cwd="/").stdout
     sock = os.stat(sup.control)
     assert (sock.st_mode & 0o777, sock.st_uid, sock.st_gid) == (0o660, 0, NOGROUP)
-    assert run().startswith("SupervisorUnavailable no permission"), "the socket file keeps uid 12345 out"
+    assert run().startswith("ControlSocketDenied no permission"), "the socket file keeps uid 12345 out"
     os.chmod(sup.control, 0o666)
     out = run()
     assert out.startswith("ProtocolError") and "may not control service" in out, out
