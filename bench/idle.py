@@ -21,6 +21,10 @@ import time
 import uuid
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from reuseport_standby.kernel.pins import remove_tree  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 HZ = os.sysconf("SC_CLK_TCK")
@@ -30,18 +34,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def remove_pins(path: Path) -> None:
-    """Unlink pins bottom-up (bpffs has no recursive rmdir)."""
-    if not path.exists():
-        return
-    for root, dirs, files in os.walk(path, topdown=False):
-        for name in files:
-            os.unlink(os.path.join(root, name))
-        for name in dirs:
-            os.rmdir(os.path.join(root, name))
-    os.rmdir(path)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -107,7 +99,7 @@ def main() -> int:
         os.killpg(plain.pid, signal.SIGTERM)
         run.wait(30)
         plain.wait(30)
-        remove_pins(Path(pin_root))  # a stopped service keeps its pins (for a restart): not a benchmark's
+        remove_tree(pin_root)  # a stopped service keeps its pins (for a restart): not a benchmark's
     print(f"idle CPU over {elapsed:.0f} s ({args.server}), ms of CPU per second:")
     for what, pid, ms in rows:
         print(f"  {what:<24} pid {pid:<8} {ms:6.2f}")

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from reuseport_standby.kernel import libbpf  # noqa: E402
 from reuseport_standby.kernel.layout import PARKING_SLOT, Config, LiveTable, Role  # noqa: E402
 from reuseport_standby.kernel.group import Group  # noqa: E402
-from reuseport_standby.kernel.pins import DEFAULT_PIN_ROOT  # noqa: E402
+from reuseport_standby.kernel.pins import DEFAULT_PIN_ROOT, remove_tree  # noqa: E402
 from reuseport_standby.kernel.sockets import Address, create_listener  # noqa: E402
 from reuseport_standby.supervisor.options import SuperviseOptions  # noqa: E402
 
@@ -48,15 +48,6 @@ def _bench_module(name: str) -> Any:
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     return mod
-
-
-def remove(path: Path) -> None:
-    if path.is_dir():
-        for child in path.iterdir():
-            remove(child)
-        path.rmdir()
-    elif path.exists():
-        path.unlink()
 
 
 def free_port() -> int:
@@ -329,7 +320,7 @@ def main() -> int:
         except former.FormerUnavailable as exc:
             print(f"side-by-side skipped: {exc}", file=sys.stderr)
     finally:
-        remove(BASE)
+        remove_tree(BASE)
     print(json.dumps(figures, indent=2))
     if "side_by_side" in figures:
         print_side_by_side(figures["side_by_side"])

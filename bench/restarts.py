@@ -70,6 +70,7 @@ sys.path.insert(0, str(REPO))
 
 from reuseport_standby import client  # noqa: E402
 from reuseport_standby.errors import ProtocolError, SupervisorUnavailable  # noqa: E402
+from reuseport_standby.kernel.pins import remove_tree  # noqa: E402
 from reuseport_standby.loadgen import Load, LoadResult, exchange  # noqa: E402
 from reuseport_standby.status import instance_state  # noqa: E402
 from reuseport_standby.supervisor.options import SuperviseOptions  # noqa: E402
@@ -184,18 +185,6 @@ def source_state() -> dict[str, Any]:
 
     changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines() if len(line) > 3]
     return {"commit": git("rev-parse", "--short", "HEAD").strip(), "modified": changed}
-
-
-def remove_tree(path: Path) -> None:
-    """Remove a pin directory bottom-up (bpffs has no recursive rmdir)."""
-    if not path.exists():
-        return
-    for root, dirs, files in os.walk(path, topdown=False):
-        for f in files:
-            os.unlink(os.path.join(root, f))
-        for d in dirs:
-            os.rmdir(os.path.join(root, d))
-    os.rmdir(path)
 
 
 # -- processes --------------------------------------------------------------------------------

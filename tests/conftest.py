@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from reuseport_standby.kernel.pins import remove_tree as remove_pins  # tests import it from here
+
 if TYPE_CHECKING:
     from helpers.uvicorn_runs import Instances
 
@@ -44,18 +46,6 @@ def require_kernel() -> None:
     if REQUIRE_KERNEL:
         pytest.fail(f"REUSEPORT_STANDBY_REQUIRE_KERNEL=1 but the BPF program cannot run: {problem}", pytrace=False)
     pytest.skip(f"BPF unavailable: {problem}")
-
-
-def remove_pins(path: Path) -> None:
-    """Unlink pins bottom-up (bpffs has no recursive rmdir)."""
-    if not path.exists():
-        return
-    for root, dirs, files in os.walk(path, topdown=False):
-        for f in files:
-            os.unlink(os.path.join(root, f))
-        for d in dirs:
-            os.rmdir(os.path.join(root, d))
-    os.rmdir(path)
 
 
 @functools.lru_cache(maxsize=1)

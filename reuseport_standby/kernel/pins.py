@@ -131,6 +131,20 @@ def _mkdir(path: Path, mode: int) -> None:
             f"which ProtectKernelTunables= keeps read-only; see examples/systemd/)", see="bpffs-not-mounted") from exc
 
 
+def remove_tree(path: str | os.PathLike[str]) -> None:
+    """Remove a pin directory and everything below it, bottom-up (bpffs has no recursive rmdir).
+
+    For tests and benchmarks, whose services end for good; a supervisor never removes its pins."""
+    if not os.path.lexists(path):
+        return
+    for root, dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            os.unlink(os.path.join(root, name))
+        for name in dirs:
+            os.rmdir(os.path.join(root, name))
+    os.rmdir(path)
+
+
 def remove_made(paths: list[Path]) -> None:
     """Remove the pin directories a failed start made (``paths``: top-down, as they were missing) and the
     pins in its address directories; a directory that still holds anything else is left, with all above."""

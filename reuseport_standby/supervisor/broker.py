@@ -43,7 +43,6 @@ Reply = tuple[dict[str, Any], list[int]]
 QUIET_POLL = 1.0
 
 
-
 def listen_error(address: Address, exc: OSError) -> ReuseportStandbyError:
     """Why the supervisor cannot listen on ``address``, told apart by what sock_diag shows on the port.
 
@@ -136,6 +135,9 @@ class Broker:
         self.about: dict[str, Any] = {}
         #: called with (address state, on) when the anchor should (not) be watched for parked connections
         self.watch_anchor: Callable[[AddressState, bool], None] = lambda st, on: None
+        #: whether ``address`` may already have listeners of this service (its pins exist: a supervisor
+        #: restart re-adopts them); without, a listener already there belongs to another group
+        self.may_adopt: Callable[[Address], bool] = lambda address: True
 
     # -- addresses ----------------------------------------------------------------------
     def open(self) -> None:
@@ -157,10 +159,6 @@ class Broker:
                 sock.close()
             self.close()
             raise
-
-    #: whether ``address`` may already have listeners of this service (its pins exist: a supervisor
-    #: restart re-adopts them); without, a listener already there belongs to another group
-    may_adopt: Callable[[Address], bool] = staticmethod(lambda address: True)  # type: ignore[assignment]
 
     def _reserve(self, address: Address) -> socket.socket:
         try:
@@ -186,12 +184,10 @@ class Broker:
             anchor.close()
             raise
         try:
-            anchor.listen(self.backlog)
-        except OSError as exc:
-            anchor.close()
-            group.close()
-            raise listen_error(address, exc) from None
-        try:
+            try:
+                anchor.listen(self.backlog)
+            except OSError as exc:
+                raise listen_error(address, exc) from None
             # Attach after listen(): attaching first would make the anchor a group of its own.  The anchor
             # is the one member never locked (SO_LOCK_FILTER): it never leaves this process.
             group.attach(anchor)
