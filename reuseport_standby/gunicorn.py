@@ -214,7 +214,7 @@ class GunicornInstance:
             found.append("post_worker_init is not reuseport-standby's, so this instance would never become ready: "
                          "keep yours with post_worker_init = reuseport_standby.gunicorn.compose("
                          "reuseport_standby.gunicorn.post_worker_init, your_hook)")
-        if _is_uvicorn_worker_class(cfg.worker_class):
+        if _is_uvicorn_worker_class(cfg.worker_class) or _is_asgi_worker_class(cfg.worker_class):
             from .gunicorn_workers import check_settings
 
             found.extend(check_settings())
@@ -567,12 +567,17 @@ def _standby_uvicorn(worker: "Worker") -> None:
             log.debug("reuseport-standby: worker %d serves through StandbyConfig", os.getpid())
 
 
+def _is_asgi_worker_class(cls: type) -> bool:
+    """gunicorn's own ASGI worker (``-k asgi``), paced like uvicorn's, or a subclass."""
+    gasgi = sys.modules.get("gunicorn.workers.gasgi")
+    return gasgi is not None and isinstance(cls, type) and issubclass(cls, gasgi.ASGIWorker)
+
+
 def _pace_asgi(worker: "Worker") -> None:
     """gunicorn's own ASGI worker (``-k asgi``) serves each listener with ``loop.create_server(sock=...)`` on
     a loop it made before this hook: paced, it takes at most REUSEPORT_STANDBY_ACCEPT_AHEAD unread
     connections from the kernel's queue (0, the default: as it does by itself; reuseport_standby/pacing.py)."""
-    gasgi = sys.modules.get("gunicorn.workers.gasgi")
-    if gasgi is None or not isinstance(worker, gasgi.ASGIWorker):
+    if not _is_asgi_worker_class(type(worker)):
         return
     from . import pacing
 

@@ -206,9 +206,11 @@ def test_stock_uvicorn_worker_serves_a_request_sent_just_after_sigterm(superviso
 
 
 @pytest.mark.kernel
-def test_a_bad_uvicorn_setting_stops_the_master_with_one_line(supervisor, short_tmp: Path) -> None:
+@pytest.mark.parametrize("worker_class", ["uvicorn_worker.UvicornWorker", "asgi"])
+def test_a_bad_uvicorn_setting_stops_the_master_with_one_line(supervisor, short_tmp: Path, worker_class: str) -> None:
+    """Checked in the master: else every worker would fail its boot on it, and gunicorn fork another."""
     sup: SupervisorProc = supervisor()
-    cmd = gunicorn_cmd("asgi_role:app", "--workers", "2", "--worker-class", "uvicorn_worker.UvicornWorker")
+    cmd = gunicorn_cmd("asgi_role:app", "--workers", "2", "--worker-class", worker_class)
     inst = InstanceProc(cmd, sup, "primary", env={"XDG_RUNTIME_DIR": str(short_tmp), ENV_ACCEPT_AHEAD: "many"},
                         cwd=APPS).start()
     assert inst.proc is not None
