@@ -252,12 +252,47 @@ def add_reload(sub: Any) -> argparse.ArgumentParser:
                         description="Ask a running 'reuseport-standby run' for a rolling reload and wait for it, "
                                     "printing each step on stderr as it happens. Exit 0 when both instances were "
                                     "replaced, 1 when it rolled back (the old ones keep serving), 3 when no 'run' "
-                                    "answers.")
+                                    "answers. With --canary, the new version first serves as the standby with "
+                                    "the given shares of new connections, and is promoted only if its error "
+                                    "rate and p99 latency hold up against the old version's.")
     _common(rl)
-    rl.add_argument("--timeout", type=_bounded(float, 0.001, what="seconds"), default=600.0, metavar="SECONDS",
-                    help="give up waiting after this long (default 600; the reload itself goes on)")
-    _json(rl, "the outcome")
+    rl.add_argument("--timeout", type=_bounded(float, 0.001, what="seconds"), default=None, metavar="SECONDS",
+                    help="give up waiting after this long (default 600, or the canary's longest possible "
+                         "duration plus 600; the reload itself goes on)")
+    rl.add_argument("--health-path", default=None, metavar="PATH",
+                    help="from this reload on, each worker GETs PATH in process and must get a 2xx before its "
+                         "instance is activated ('' turns the check off)")
+    cn = rl.add_argument_group("canary", "judge the new version on a share of the traffic before promoting it")
+    cn.add_argument("--canary", type=_weights, default=None, metavar="W1,W2,...",
+                    help="standby weights in percent, rising, e.g. 10,50: the new version's share at each step")
+    cn.add_argument("--step-seconds", type=_bounded(float, 0.5, 86400, what="seconds"), default=None,
+                    metavar="SECONDS", help="how long each step lasts (default 30)")
+    cn.add_argument("--max-error-rate", type=_bounded(float, 0, 1, what="the error rate"), default=None,
+                    metavar="FRACTION", help="a step fails when the new version's share of 5xx, exceptions and "
+                                             "missing responses exceeds the old version's by more (default 0.01)")
+    cn.add_argument("--max-latency-ratio", type=_bounded(float, 1, 1000, what="the ratio"), default=None,
+                    metavar="RATIO", help="a step fails when the new version's p99 latency exceeds the old "
+                                          "version's this many times (default 2)")
+    cn.add_argument("--min-requests", type=_bounded(int, 0, 10**9, what="the count"), default=None, metavar="N",
+                    help="requests the new version must get in a step to be judged; a step waits up to "
+                         "--max-step-seconds for them, then the reload rolls back (default 100)")
+    cn.add_argument("--max-step-seconds", type=_bounded(float, 0.5, 7 * 86400, what="seconds"), default=None,
+                    metavar="SECONDS", help="longest a step waits for --min-requests (default 5 x --step-seconds)")
+    _json(rl, "the outcome (also of a rolled-back canary)")
     return rl
+
+
+def _parse_weights(value: str) -> list[int]:
+    try:
+        weights = [int(w) for w in value.split(",")]
+    except ValueError:
+        raise ValueError(f"{value!r} is not a list of whole percentages such as 10,50") from None
+    from .canary import CanaryPlan
+
+    CanaryPlan.from_wire({"weights": weights})  # says what is wrong with them
+    return weights
+_weights = _typed(_parse_weights)
+CANARY_OPTIONS = ("step_seconds", "max_error_rate", "max_latency_ratio", "min_requests", "max_step_seconds")
 
 
 def add_demo(sub: Any) -> argparse.ArgumentParser:
@@ -567,17 +602,39 @@ def cmd_admin(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    from .run_client import request_reload
+    from .canary import CanaryPlan
+    from .run_client import CanaryFailed, request_reload
 
     def progress(event: dict[str, Any]) -> None:
         print(printable(f"reload: {event.get('progress')}"), file=sys.stderr, flush=True)
 
-    result = request_reload(args.service, args.control, args.timeout, progress=progress)
+    options: dict[str, Any] = {}
+    if args.health_path is not None:
+        options["health_path"] = args.health_path
+    timeout = args.timeout
+    if args.canary is not None:
+        plan = CanaryPlan.from_wire({"weights": args.canary, **{n: getattr(args, n) for n in CANARY_OPTIONS
+                                                                 if getattr(args, n) is not None}})
+        options["canary"] = plan.to_wire()
+        if timeout is None:
+            timeout = 600.0 + len(plan.weights) * plan.step_limit
+    else:
+        given = [f"--{n.replace('_', '-')}" for n in CANARY_OPTIONS if getattr(args, n) is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} applies to a canary: add --canary W1,W2,...")
+    try:
+        result = request_reload(args.service, args.control, 600.0 if timeout is None else timeout,
+                                progress=progress, options=options)
+    except CanaryFailed as exc:
+        if args.json:
+            print(json.dumps({"ok": False, "error": "rolled_back", "message": str(exc), **exc.fields},
+                             sort_keys=True))
+        raise
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
-        print("reloaded: " + ", ".join(f"{r['role']} pid {r['pid']}" for r in result["replaced"])
-              + f" in {result['seconds']} s")
+        print("reloaded: " + ", ".join(f"{r['role']} pid {r['pid']}{' (promoted)' if r.get('promoted') else ''}"
+                                       for r in result["replaced"]) + f" in {result['seconds']} s")
     return EXIT_OK
 
 

@@ -13,7 +13,8 @@ from .kernel.layout import Role
 
 __all__ = ["Role", "State", "Scope", "ENV_ROLE", "ENV_SERVICE", "ENV_CONTROL", "ENV_SCOPE",
            "ENV_CONNECT_TIMEOUT", "ENV_GENERATION", "ENV_SECCOMP", "ENV_USER", "ENV_GROUP",
-           "ENV_ACCEPT_AHEAD", "ENV_KEEPALIVE_DRAIN", "ENV_LOG_LEVEL", "ENV_LOG_FORMAT"]
+           "ENV_ACCEPT_AHEAD", "ENV_KEEPALIVE_DRAIN", "ENV_LOG_LEVEL", "ENV_LOG_FORMAT",
+           "ENV_HEALTH_PATH"]
 
 #: the role an instance serves (primary / standby)
 ENV_ROLE = "REUSEPORT_STANDBY_ROLE"
@@ -27,6 +28,8 @@ ENV_SCOPE = "REUSEPORT_STANDBY_SCOPE"
 ENV_CONNECT_TIMEOUT = "REUSEPORT_STANDBY_CONNECT_TIMEOUT"
 #: set by ``run`` for its children: which generation (reload) they belong to
 ENV_GENERATION = "REUSEPORT_STANDBY_GENERATION"
+#: a path each worker GETs in process, wanting a 2xx, before its instance is activated (``run --health-path``)
+ENV_HEALTH_PATH = "REUSEPORT_STANDBY_HEALTH_PATH"
 #: "off": the integrations install no seccomp filter against steering the port (kernel/seccomp.py)
 ENV_SECCOMP = "REUSEPORT_STANDBY_SECCOMP"
 #: ``run --user``: the user the instances run as (``run`` itself starts as root, for the supervisor)

@@ -120,7 +120,7 @@ def parse_request(raw: bytes, nfds: int = 0) -> Request:
             role = Role.parse(msg.get("role"))  # type: ignore[arg-type]
         except (ValueError, TypeError):
             raise ProtocolError("bad_role", f"unknown role {msg.get('role')!r}: expected 'primary' or 'standby'") from None
-    if op in ("hello", "readopt"):
+    if op in ("hello", "readopt") or (op in ("drain", "undrain") and "pid" in msg):
         pid = msg.get("pid")
         if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 2**31:
             raise ProtocolError("bad_pid", f"pid must be a positive integer, got {pid!r}")

@@ -14,7 +14,17 @@ import time
 from typing import Any, Callable
 
 from . import client, protocol
-from .errors import ProtocolError, SupervisorUnavailable
+from .errors import ProtocolError, ReuseportStandbyError, SupervisorUnavailable
+
+
+class CanaryFailed(ReuseportStandbyError):
+    """A canary reload rolled back; ``fields`` holds its verdicts (the numbers that failed)."""
+
+    see = "a-canary-reload-rolled-back"
+
+    def __init__(self, message: str, fields: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.fields = fields
 
 
 def run_socket_path(control_path: str) -> str:
@@ -24,17 +34,19 @@ def run_socket_path(control_path: str) -> str:
 
 
 def request_reload(service: str, control: str | None = None, timeout: float = 600.0,
-                   progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                   progress: Callable[[dict[str, Any]], None] | None = None,
+                   options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Ask a running ``reuseport-standby run`` to do a rolling reload, and wait for the outcome.
 
     With ``progress``, each step is passed to it as it happens (``{"progress": TEXT, "step": ...}``);
-    a runner too old to send steps just sends the outcome."""
+    a runner too old to send steps just sends the outcome.  ``options``: ``canary`` (a plan, see
+    canary.CanaryPlan) and ``health_path``.  A canary that rolled back raises CanaryFailed."""
     if progress is None:
-        return _ask_run(service, control, {"op": "reload"}, timeout)
+        return _ask_run(service, control, {"op": "reload", **(options or {})}, timeout)
     path = run_socket_path(protocol.control_path(service, control))
     sock = _connect(service, path)
     with sock:
-        protocol.send(sock, {"op": "reload", "progress": True})
+        protocol.send(sock, {"op": "reload", "progress": True, **(options or {})})
         deadline = time.monotonic() + timeout
         while True:
             raw = _recv_by(sock, deadline)
@@ -45,7 +57,14 @@ def request_reload(service: str, control: str | None = None, timeout: float = 60
             if isinstance(msg, dict) and "progress" in msg and "ok" not in msg and "chunk" not in msg:
                 progress(msg)
                 continue
-            return protocol.parse_reply(protocol.join_reply(raw, lambda: _recv_by(sock, deadline)))
+            whole = protocol.join_reply(raw, lambda: _recv_by(sock, deadline))
+            try:
+                reply = json.loads(whole)
+            except (UnicodeDecodeError, ValueError):
+                reply = None
+            if isinstance(reply, dict) and reply.get("error") == "rolled_back" and isinstance(reply.get("canary"), dict):
+                raise CanaryFailed(str(reply.get("message")), {"canary": reply["canary"]})
+            return protocol.parse_reply(whole)
 
 
 def run_status(service: str, control: str | None = None, timeout: float = 5.0) -> dict[str, Any]:

@@ -42,11 +42,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
-from . import client, protocol
+from . import canary, client, protocol
 from .children import Orphans, become_subreaper, has_exited, my_children, send
 from .errors import ProtocolError, ReuseportStandbyError, SupervisorUnavailable
 from .kernel.layout import Role
-from .names import ENV_CONTROL, ENV_GENERATION, ENV_ROLE, ENV_SERVICE
+from .names import ENV_CONTROL, ENV_GENERATION, ENV_HEALTH_PATH, ENV_ROLE, ENV_SERVICE
+from .outcomes import Outcomes
 from .status import instance_state
 from .supervisor.loop import sd_notify
 from .supervisor.options import SuperviseOptions
@@ -148,6 +149,8 @@ class RunConfig:
     user: InstanceUser | None = None
     #: variables of our own options (REUSEPORT_STANDBY_BIND...) that no child inherits (cli.option_variables)
     drop_env: frozenset[str] = frozenset()
+    #: each worker GETs this path in process and must get a 2xx before its instance is activated
+    health_path: str | None = None
 
     @property
     def service(self) -> str:
@@ -165,6 +168,26 @@ class InstanceFailed(ReuseportStandbyError):
     """A new instance exited or did not become ready in time."""
 
     see = "an-instance-does-not-become-ready"
+    #: what the reply to ``reload`` carries besides the message (a canary's verdicts)
+    reply_fields: dict[str, Any] = {}
+
+
+class CanaryRolledBack(InstanceFailed):
+    """The new version failed a canary step (or could not be judged): it was stopped, the old one serves on."""
+
+    see = "a-canary-reload-rolled-back"
+
+    def __init__(self, message: str, fields: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.reply_fields = fields
+
+
+@dataclass
+class ReloadOptions:
+    """What one ``reload`` asked for besides the rolling restart itself."""
+
+    canary: canary.CanaryPlan | None = None
+    health_path: str | None = None
 
 
 @dataclass
@@ -203,6 +226,19 @@ class ReloadJob:
     deadline: float = 0.0
     started: float = field(default_factory=time.monotonic)
     done: list[dict[str, Any]] = field(default_factory=list)
+    options: ReloadOptions = field(default_factory=ReloadOptions)
+    #: the runner's health path before this reload set another (restored if it rolls back)
+    previous_health_path: str | None = None
+    # -- a canary reload (options.canary): the new standby earns its weights step by step
+    canary_step: int = -1  # index into the plan's weights; -1 before the first
+    step_started: float = 0.0
+    base_new: Outcomes = field(default_factory=Outcomes)
+    base_old: Outcomes = field(default_factory=Outcomes)
+    old_at_start: Outcomes = field(default_factory=Outcomes)  # the old primary's when the canary began
+    old_pid: int | None = None  # the old primary compared against
+    old_drained: bool = False  # the old standby is drained (out of the table) while the canary runs
+    waited_said: float = 0.0
+    verdicts: list[dict[str, Any]] = field(default_factory=list)
 
 
 class SupervisorChild:
@@ -337,7 +373,9 @@ class Runner:
         self.last_reload: dict[str, Any] | None = None
         self._generation = 0
         self._stopping = threading.Event()
-        self._requests: queue.SimpleQueue[tuple[Future, Callable[[dict[str, Any]], None] | None]] = queue.SimpleQueue()
+        self._requests: queue.SimpleQueue[tuple[Future, Callable[[dict[str, Any]], None] | None, ReloadOptions]] = \
+            queue.SimpleQueue()
+        self.health_path = cfg.health_path
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self.supervisor = SupervisorChild(cfg.supervisor, self.control, cfg.drop_env)
@@ -380,6 +418,8 @@ class Runner:
         env = {**child_env(self.cfg.drop_env), **self.cfg.extra_env, ENV_ROLE: role.value,
                ENV_SERVICE: self.cfg.service, ENV_CONTROL: self.control,
                ENV_GENERATION: str(self._generation)}
+        if self.health_path:
+            env[ENV_HEALTH_PATH] = self.health_path
         user = self.cfg.user
         kwargs: dict[str, Any] = {}
         if user is not None:
@@ -479,15 +519,28 @@ class Runner:
                     log.error("%s; next attempt in 5 s", exc)
 
     # -- rolling reload --------------------------------------------------------------------------
-    def begin_reload(self, fut: Future | None = None, listener: Callable[[dict[str, Any]], None] | None = None) -> None:
+    def begin_reload(self, fut: Future | None = None, listener: Callable[[dict[str, Any]], None] | None = None,
+                     options: ReloadOptions | None = None) -> None:
         waiters = [fut] if fut is not None else []
         if self.reload_job is not None:
             for f in waiters:
                 f.set_exception(ReuseportStandbyError("a reload is already in progress"))
             log.warning("a reload is already in progress")
             return
-        self.reload_job = ReloadJob(waiters, listeners=[listener] if listener is not None else [])
-        self._progress("rolling reload: standby, then primary", step="begin")
+        options = options or ReloadOptions()
+        job = self.reload_job = ReloadJob(waiters, listeners=[listener] if listener is not None else [],
+                                          options=options, previous_health_path=self.health_path)
+        if options.health_path is not None:
+            self.health_path = options.health_path or None  # "": no health check from now on
+        if options.canary is None:
+            self._progress("rolling reload: standby, then primary", step="begin")
+            return
+        plan = options.canary
+        job.roles = [Role.STANDBY]  # the canary; once promoted, the old primary (then the standby) is replaced
+        self._progress(f"canary reload: a new standby takes {', then '.join(f'{w}%' for w in plan.weights)} of "
+                       f"new connections for {plan.step_seconds:g} s each; it is promoted if its error rate stays "
+                       f"within {plan.max_error_rate:.2%} of the old version's and its p99 within "
+                       f"{plan.max_latency_ratio:g}x, else rolled back", step="begin", canary=plan.to_wire())
 
     def _progress(self, text: str, **fields: Any) -> None:
         """One step of the reload: logged, and told to the clients that asked to hear (never blocks)."""
@@ -506,6 +559,8 @@ class Runner:
         job = self.reload_job
         assert job is not None
         self.reload_job = None
+        if error is not None and not job.done:  # nothing was replaced: the instances still run the old settings
+            self.health_path = job.previous_health_path
         self.last_reload = {"ok": error is None, "error": None if error is None else str(error)}
         if error is not None:
             log.error("reload failed: %s", error)
@@ -520,6 +575,9 @@ class Runner:
     def _step_reload(self) -> None:
         job = self.reload_job
         if job is None:
+            return
+        if job.options.canary is not None:
+            self._step_canary(job)
             return
         role = job.roles[0]
         now = time.monotonic()
@@ -565,17 +623,183 @@ class Runner:
             job.new = job.old = None
             job.phase = "start"
             if not job.roles:
-                self._finish_reload({"ok": True, "replaced": job.done,
-                                     "seconds": round(time.monotonic() - job.started, 2)}, None)
+                self._finish_reload(self._reload_result(job), None)
 
-    def reload(self, timeout: float | None = None) -> dict[str, Any]:
+    # -- canary reload ---------------------------------------------------------------------------
+    def _step_canary(self, job: ReloadJob) -> None:
+        """start → ready (the new standby becoming active) → step (one per weight) → promoted; then the
+        old primary, now the standby, is replaced like any rolling reload.  Every failure rolls back."""
+        plan = job.options.canary
+        assert plan is not None
+        now = time.monotonic()
+        if job.phase == "start":
+            try:
+                job.old, job.new = self.current[Role.STANDBY], self.spawn(Role.STANDBY)
+            except InstanceFailed as exc:
+                self._finish_reload(None, exc)
+                return
+            job.phase, job.deadline = "ready", now + self.cfg.ready_timeout
+            self._progress(f"started the canary: new standby pid {job.new.pid}; waiting up to "
+                           f"{self.cfg.ready_timeout:.0f} s for it to serve", step="started", role="standby",
+                           pid=job.new.pid)
+            return
+        new = job.new
+        assert new is not None
+        if new.reaped:
+            self._canary_rollback(job, f"the new version (pid {new.pid}) exited with status {new.proc.returncode}")
+            return
+        if job.phase == "ready":
+            state = self.instance_state(new.pid)
+            if state == "active":
+                if job.old is not None and not job.old.reaped:
+                    # The new standby alone holds the standby's share: the old one stays, out of the table,
+                    # to be undrained if the canary fails.
+                    self._admin({"op": "drain", "role": "standby", "pid": job.old.pid})
+                    job.old_drained = True
+                self._canary_begin_step(job, 0)
+            elif now > job.deadline:
+                self._canary_rollback(job, f"the new version (pid {new.pid}) was not ready within "
+                                           f"{self.cfg.ready_timeout:.0f} s")
+            return
+        if job.phase != "step" or now < job.step_started + plan.step_seconds:
+            return
+        seen = self._canary_outcomes(job)
+        if seen is None:
+            if now > job.step_started + plan.step_limit + 10:
+                self._canary_rollback(job, "the supervisor's outcomes could not be read to judge the canary")
+            return
+        new_now, old_now = seen
+        final = now >= job.step_started + plan.step_limit
+        verdict = canary.judge(plan, new_now - job.base_new, old_now - job.base_old, old_now - job.old_at_start,
+                               final=final)
+        weight = plan.weights[job.canary_step]
+        if verdict.passed is None:
+            if now - job.waited_said >= plan.step_seconds:
+                job.waited_said = now
+                self._progress(f"step {job.canary_step + 1} ({weight}%): {verdict.new['requests']} of the "
+                               f"{plan.min_requests} requests needed to judge; waiting up to "
+                               f"{job.step_started + plan.step_limit - now:.0f} s more", step="waiting",
+                               weight=weight, new=verdict.new)
+            return
+        record = {"step": job.canary_step + 1, "weight": weight,
+                  "seconds": round(now - job.step_started, 1), **verdict.as_dict()}
+        job.verdicts.append(record)
+        if not verdict.passed:
+            self._canary_rollback(job, f"step {job.canary_step + 1} ({weight}%) failed: " + "; ".join(verdict.reasons))
+            return
+        self._progress(f"step {job.canary_step + 1} ({weight}%) passed: {canary.figures(verdict.new)} against the old "
+                       f"version's {canary.figures(verdict.old)}", step="passed", verdict=record)
+        if job.canary_step + 1 < len(plan.weights):
+            self._canary_begin_step(job, job.canary_step + 1)
+        else:
+            self._canary_promote(job)
+
+    def _canary_begin_step(self, job: ReloadJob, index: int) -> None:
+        plan = job.options.canary
+        assert plan is not None and job.new is not None
+        seen = self._canary_outcomes(job)
+        if seen is None:
+            self._canary_rollback(job, "the supervisor's outcomes could not be read to begin the canary step")
+            return
+        job.base_new, job.base_old = seen
+        if index == 0:
+            job.old_at_start = job.base_old
+        weight = plan.weights[index]
+        try:
+            self._admin({"op": "weight", "standby": weight})
+        except (ReuseportStandbyError, OSError) as exc:
+            self._canary_rollback(job, f"the standby weight could not be set: {exc}")
+            return
+        job.canary_step, job.phase = index, "step"
+        job.step_started = job.waited_said = time.monotonic()
+        self._progress(f"step {index + 1} of {len(plan.weights)}: the new version takes {weight}% of new "
+                       f"connections for {plan.step_seconds:g} s", step="weight", weight=weight, pid=job.new.pid)
+
+    def _canary_outcomes(self, job: ReloadJob) -> tuple[Outcomes, Outcomes] | None:
+        """The new standby's and the old primary's cumulative outcomes, from one ``status``."""
+        old = self.current[Role.PRIMARY]
+        try:
+            st = client.query(self.cfg.service, "status", self.control, timeout=2)["status"]
+            assert job.new is not None
+            if old is not None and job.old_pid not in (None, old.pid):
+                log.warning("the old primary changed (pid %s, now %d) during the canary; comparing with the new one",
+                            job.old_pid, old.pid)
+            job.old_pid = None if old is None else old.pid
+            return (canary.instance_outcomes(st, job.new.pid),
+                    Outcomes() if old is None else canary.instance_outcomes(st, old.pid))
+        except (SupervisorUnavailable, ProtocolError, OSError, KeyError, ValueError) as exc:
+            log.warning("could not read the instances' outcomes: %s", exc)
+            return None
+
+    def _canary_promote(self, job: ReloadJob) -> None:
+        """Weight 0, then promote (the new standby becomes the primary: a flag, nothing restarts), then the
+        drained old standby stops; the old primary, now the standby, is replaced as in any reload."""
+        new = job.new
+        assert new is not None
+        try:
+            self._admin({"op": "weight", "standby": 0})
+            self._admin({"op": "promote"})
+        except (ReuseportStandbyError, OSError) as exc:
+            self._canary_rollback(job, f"the new version passed but could not be promoted: {exc}")
+            return
+        old_primary = self.current[Role.PRIMARY]
+        if job.old is not None:
+            self.retire(job.old)  # drained, and now in the primary's range, still out of the table
+        new.role, self.current[Role.PRIMARY] = Role.PRIMARY, new
+        if old_primary is not None:
+            old_primary.role, self.current[Role.STANDBY] = Role.STANDBY, old_primary
+        else:
+            self.current[Role.STANDBY] = None
+        job.done.append({"role": "primary", "pid": new.pid, "generation": new.generation, "promoted": True})
+        self._progress(f"promoted: the new version (pid {new.pid}) is the primary"
+                       + (f"; the old primary (pid {old_primary.pid}) is the standby until it is replaced"
+                          if old_primary is not None else ""), step="promoted", pid=new.pid)
+        job.options = replace(job.options, canary=None)  # from here on, a plain rolling reload of the standby
+        job.roles, job.new, job.old, job.phase = [Role.STANDBY], None, None, "start"
+        if old_primary is None:
+            job.roles = []
+            self._finish_reload(self._reload_result(job), None)
+
+    def _canary_rollback(self, job: ReloadJob, why: str) -> None:
+        """Weight 0, the old standby back in the table, the new one stopped: the old version serves on."""
+        new = job.new
+        for msg in ({"op": "weight", "standby": 0},
+                    {"op": "undrain", "role": "standby", "pid": job.old.pid} if job.old_drained and job.old else None):
+            if msg is None:
+                continue
+            try:
+                self._admin(msg)
+            except (ReuseportStandbyError, OSError) as exc:
+                log.error("rolling back the canary: %s failed: %s", msg["op"], exc)
+        if new is not None:
+            self.retire(new, timeout=self.cfg.stop_timeout)
+        if job.old is not None and job.old.reaped:
+            log.warning("the old standby exited during the canary; the standby is restarted from what is on disk")
+        fields = {"canary": {"verdicts": job.verdicts, "plan": job.options.canary.to_wire() if job.options.canary else None,
+                             "pid": None if new is None else new.pid}}
+        self._progress(f"rolled back: {why}", step="rolled_back", **fields)
+        self._finish_reload(None, CanaryRolledBack(f"canary {why}; rolled back: the new version (pid "
+                                                   f"{None if new is None else new.pid}) is stopped, the old "
+                                                   f"version serves on", fields))
+
+    def _admin(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return client.admin(self.cfg.service, msg, self.control, timeout=5)
+
+    def _reload_result(self, job: ReloadJob) -> dict[str, Any]:
+        result = {"ok": True, "replaced": job.done, "seconds": round(time.monotonic() - job.started, 2)}
+        if job.verdicts:
+            result["canary"] = {"verdicts": job.verdicts}
+        return result
+
+    def reload(self, timeout: float | None = None, options: ReloadOptions | None = None) -> dict[str, Any]:
         """From another thread: ask the main loop for a rolling reload and wait for its outcome."""
-        return self.submit_reload().result(timeout)
+        return self.submit_reload(options=options).result(timeout)
 
-    def submit_reload(self, listener: Callable[[dict[str, Any]], None] | None = None) -> Future:
+    def submit_reload(self, listener: Callable[[dict[str, Any]], None] | None = None,
+                      options: ReloadOptions | None = None) -> Future:
         """From another thread: ask the main loop for a rolling reload; ``listener`` hears each step."""
         fut: Future = Future()
-        self._requests.put((fut, listener))
+        self._requests.put((fut, listener, options or ReloadOptions()))
         self._wake()
         return fut
 
@@ -639,21 +863,25 @@ class Runner:
         if not isinstance(msg, dict) or msg.get("op") != "reload":
             return protocol.error_reply("unknown_op", "this socket takes only {\"op\": \"reload\"} and {\"op\": \"status\"}")
         try:
-            return self._stream_reload(conn) if msg.get("progress") is True else self.reload()
+            options = reload_options(msg)
+        except ValueError as exc:
+            return protocol.error_reply("bad_request", str(exc))
+        try:
+            return self._stream_reload(conn, options) if msg.get("progress") is True else self.reload(options=options)
         except InstanceFailed as exc:
-            return protocol.error_reply("rolled_back", str(exc))
+            return {**protocol.error_reply("rolled_back", str(exc)), **exc.reply_fields}
         except (ReuseportStandbyError, ValueError, OSError) as exc:
             return protocol.error_reply("failed", str(exc))
         except Exception as exc:  # whatever went wrong, `reload` hears of it instead of a closed connection
             log.exception("reload failed")
             return protocol.error_reply("internal", f"{type(exc).__name__}: {exc}")
 
-    def _stream_reload(self, conn: socket.socket) -> dict[str, Any]:
+    def _stream_reload(self, conn: socket.socket, options: ReloadOptions) -> dict[str, Any]:
         """A reload whose steps are sent as they happen, each a message ``{"progress": TEXT, "step": ...}``
         (no ``ok``: a client tells them from the reply, which follows them).  A client that does not
         read them is no longer sent any; the reload goes on."""
         events: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
-        fut = self.submit_reload(events.put)
+        fut = self.submit_reload(events.put, options)
         listening = True
         while True:
             done = fut.done()
@@ -789,6 +1017,26 @@ class Runner:
                 return
             time.sleep(0.05)
         log.error("some descendants could not be stopped: %s", sorted(self.orphans.adopted))
+
+
+def reload_options(msg: dict[str, Any]) -> ReloadOptions:
+    """A ``reload`` request's options, checked (ValueError saying what is wrong)."""
+    plan = canary.CanaryPlan.from_wire(msg["canary"]) if msg.get("canary") is not None else None
+    health = msg.get("health_path")
+    if health is not None:
+        if not isinstance(health, str):
+            raise ValueError("'health_path' must be a string")
+        if health:
+            health = check_health_path(health)
+    return ReloadOptions(canary=plan, health_path=health)
+
+
+def check_health_path(path: str) -> str:
+    """A path an instance can GET in process: absolute, printable, short (ValueError otherwise)."""
+    if not path.startswith("/") or len(path) > 1024 or not path.isprintable() or " " in path:
+        raise ValueError(f"a health path is an absolute URL path such as /healthz (no spaces, at most 1024 "
+                         f"characters), got {path!r:.80}")
+    return path
 
 
 def run(cfg: RunConfig) -> int:

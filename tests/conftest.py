@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-import socket
 import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from reuseport_standby.kernel.pins import remove_tree as remove_pins  # tests import it from here
+from helpers.netutil import free_port  # noqa: F401  (tests import it from here)
 
 if TYPE_CHECKING:
     from helpers.uvicorn_runs import Instances
@@ -100,13 +100,6 @@ def pin_root(kernel: None) -> "Path":
     root = TEST_PIN_BASE / uuid.uuid4().hex[:12]
     yield root
     remove_pins(root)
-
-
-def free_port(family: socket.AddressFamily = socket.AF_INET) -> int:
-    host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

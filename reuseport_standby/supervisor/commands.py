@@ -57,19 +57,26 @@ def weight(broker: "Broker", caller: Instance, req: protocol.Request) -> dict[st
     return {"ok": True, "standby_weight": req.standby_weight}
 
 
-def _heads_and_slotted(broker: "Broker", role: Role) -> tuple[list[Instance], list[Instance]]:
+def _heads_and_slotted(broker: "Broker", role: Role, pid: int | None = None) -> tuple[list[Instance], list[Instance]]:
     """Worker-scope instances hold no slot themselves: their state says whether workers that
-    activate later (recycled, added) join drained."""
+    activate later (recycled, added) join drained.  With ``pid``, only that instance and its
+    workers (a canary reload drains the old standby while the new one takes its share)."""
     insts = broker.registry.in_role(role)
+    if pid is not None:
+        insts = [i for i in insts if i.pid == pid or i.parent == pid]
     return [i for i in insts if i.scope is Scope.WORKER], [i for i in insts if i.slots]
+
+
+def _which(req: protocol.Request) -> str:
+    return f"{req.role.value} instance" + (f" with pid {req.pid}" if req.pid is not None else "")  # type: ignore[union-attr]
 
 
 def drain(broker: "Broker", caller: Instance, req: protocol.Request) -> dict[str, Any]:
     assert req.role is not None
-    heads, targets = _heads_and_slotted(broker, req.role)
+    heads, targets = _heads_and_slotted(broker, req.role, req.pid)
     targets = [i for i in targets if i.state is State.ACTIVE]
     if not targets:
-        raise ProtocolError("no_instance", f"no active {req.role.value} instance to drain")
+        raise ProtocolError("no_instance", f"no active {_which(req)} to drain")
     for head in heads:
         if head.state is State.ACTIVE:
             head.state = State.DRAINED
@@ -81,10 +88,10 @@ def drain(broker: "Broker", caller: Instance, req: protocol.Request) -> dict[str
 
 def undrain(broker: "Broker", caller: Instance, req: protocol.Request) -> dict[str, Any]:
     assert req.role is not None
-    heads, targets = _heads_and_slotted(broker, req.role)
+    heads, targets = _heads_and_slotted(broker, req.role, req.pid)
     targets = [i for i in targets if i.state.disabled]
     if not targets:
-        raise ProtocolError("no_instance", f"no drained {req.role.value} instance to undrain")
+        raise ProtocolError("no_instance", f"no drained {_which(req)} to undrain")
     for head in heads:
         if head.state is State.DRAINED:
             head.state = State.PENDING

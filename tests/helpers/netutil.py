@@ -8,6 +8,13 @@ import time
 from dataclasses import dataclass, field
 
 
+def free_port(family: socket.AddressFamily = socket.AF_INET) -> int:
+    host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 @dataclass
 class Outcome:
     answered: int = 0

@@ -1,0 +1,192 @@
+"""`reload --canary` end to end: `run` with real gunicorn/uvicorn, real clients, a new version on disk.
+
+Each test writes the version file the app reads at import (as a deploy puts new code on disk), asks
+for a canary reload under load, and checks what the clients saw: which version answered, when, and
+that no connection failed.  The contrast (a bad version without the canary) is the plain reload,
+whose clients see the bad version's errors for as long as it serves.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers.procs import wait_for
+from helpers.runs import Run
+from reuseport_standby.loadgen import Load, LoadResult
+from reuseport_standby.run_client import CanaryFailed, request_reload
+
+GUNICORN = ["gunicorn", "-w", "2", "--graceful-timeout", "5", "canary_app:app"]
+UVICORN = ["uvicorn", "--workers", "2", "--timeout-graceful-shutdown", "5", "canary_app:asgi_app"]
+SERVERS = pytest.mark.parametrize("cmd", [GUNICORN, UVICORN], ids=["gunicorn", "uvicorn"])
+STEP = 4.0
+CANARY = {"weights": [10, 50], "step_seconds": STEP, "min_requests": 20, "max_error_rate": 0.01,
+          "max_latency_ratio": 2.0}
+
+
+class Steps:
+    """The reload's progress events with the monotonic time each arrived."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[float, dict[str, Any]]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        with self._lock:
+            self.events.append((time.monotonic(), event))
+
+    def at(self, step: str) -> list[float]:
+        return [t for t, e in self.events if e.get("step") == step]
+
+    def text(self) -> str:
+        return "\n".join(f"{t:.2f} {e.get('progress')}" for t, e in self.events)
+
+
+def start(tmp: Path, pin_root: Path, cmd: list[str], first: str = "v1 good") -> tuple[Run, Path]:
+    version = tmp / "version"
+    version.write_text(first)
+    run = Run(tmp, pin_root, cmd, env={"RS_TEST_VERSION_FILE": str(version)})
+    return run, version
+
+
+def answered_by(result: LoadResult, load: Load) -> list[tuple[float, str, str]]:
+    """(monotonic time, outcome, version) of every request."""
+    return [(load._start + t, kind, who) for t, kind, who in result.events]
+
+
+def connection_failures(result: LoadResult) -> dict[str, int]:
+    return {k: v for k, v in result.failures.items() if not k.startswith("http_")}
+
+
+def canary_reload(run: Run, steps: Steps, **plan: Any) -> dict[str, Any]:
+    return request_reload(run.service, run.control, timeout=180, progress=steps,
+                          options={"canary": {**CANARY, **plan}})
+
+
+@SERVERS
+def test_a_good_version_is_promoted_through_the_steps(short_tmp: Path, pin_root: Path, cmd: list[str]) -> None:
+    run, version = start(short_tmp, pin_root, cmd)
+    try:
+        before = run.wait_both()
+        steps = Steps()
+        with Load("127.0.0.1", run.port, concurrency=4, duration=120, record_events=True) as load:
+            time.sleep(1)
+            version.write_text("v2 good")
+            result = canary_reload(run, steps)
+            after = run.wait_both()
+            time.sleep(1)
+            load.stop()
+        r = load.result
+        print(f"\n{cmd[0]}: {r.summary()}\n{steps.text()}")
+        assert [v["passed"] for v in result["canary"]["verdicts"]] == [True, True]
+        assert result["replaced"][0] == {**result["replaced"][0], "role": "primary", "promoted": True}
+        assert [x["role"] for x in result["replaced"]] == ["primary", "standby"]
+        assert after["primary"] == result["replaced"][0]["pid"] and after["primary"] not in before.values()
+        assert after["standby"] not in before.values()
+        assert r.failed == 0, r.failures
+        seen = answered_by(r, load)
+        promoted = steps.at("promoted")[0]
+        assert {who for t, _, who in seen if t > promoted + 0.5} == {"v2"}
+        first_step = steps.at("weight")[0]
+        share = [who for t, _, who in seen if first_step + 1 < t < first_step + STEP]
+        assert 0.03 < share.count("v2") / len(share) < 0.25, "the first step's share is about 10 %"
+    finally:
+        run.stop_and_check_nothing_left()
+
+
+@SERVERS
+def test_a_version_answering_500_is_rolled_back_at_the_first_step(short_tmp: Path, pin_root: Path,
+                                                                  cmd: list[str]) -> None:
+    run, version = start(short_tmp, pin_root, cmd)
+    try:
+        before = run.wait_both()
+        steps = Steps()
+        with Load("127.0.0.1", run.port, concurrency=4, duration=120, record_events=True) as load:
+            time.sleep(1)
+            version.write_text("v2 bad500")
+            with pytest.raises(CanaryFailed) as failed:
+                canary_reload(run, steps)
+            wait_for(lambda: run.active() == before, 15, 0.1, what=f"the old version serving: {run.instances()}")
+            time.sleep(1)
+            load.stop()
+        r = load.result
+        print(f"\n{cmd[0]}: {r.summary()}\n{steps.text()}\n{failed.value}")
+        verdicts = failed.value.fields["canary"]["verdicts"]
+        assert len(verdicts) == 1 and verdicts[0]["weight"] == 10 and not verdicts[0]["passed"]
+        assert "error rate" in str(failed.value) and "rolled back" in str(failed.value)
+        assert connection_failures(r) == {}, r.failures
+        seen = answered_by(r, load)
+        errors = [(t, who) for t, kind, who in seen if kind == "http_500"]
+        assert errors and {who for _, who in errors} == {"v2"}, "only the new version fails"
+        began, ended = steps.at("weight")[0], steps.at("rolled_back")[0]
+        assert all(began - 0.2 < t < ended + 0.5 for t, _ in errors), "and only during its step"
+        assert {who for t, _, who in seen if t > ended + 1} == {"v1"}
+        assert len(errors) < 0.3 * sum(1 for t, _, _ in seen if began < t < ended), "a share, not all"
+    finally:
+        run.stop_and_check_nothing_left()
+
+
+def test_without_the_canary_the_bad_version_fails_for_as_long_as_it_serves(short_tmp: Path,
+                                                                          pin_root: Path) -> None:
+    """The contrast: a plain reload puts the same bad version in front of every client."""
+    run, version = start(short_tmp, pin_root, GUNICORN)
+    try:
+        run.wait_both()
+        with Load("127.0.0.1", run.port, concurrency=4, duration=120, record_events=True) as load:
+            version.write_text("v2 bad500")
+            request_reload(run.service, run.control, timeout=120)
+            run.wait_both()
+            time.sleep(3)
+            load.stop()
+        r = load.result
+        print(f"\nplain reload of a bad version: {r.summary()}")
+        assert r.failures.get("http_500", 0) > 50
+        assert connection_failures(r) == {}
+    finally:
+        run.stop_and_check_nothing_left()
+
+
+def test_a_three_times_slower_version_is_rolled_back(short_tmp: Path, pin_root: Path) -> None:
+    run, version = start(short_tmp, pin_root, GUNICORN)
+    try:
+        before = run.wait_both()
+        steps = Steps()
+        with Load("127.0.0.1", run.port, concurrency=4, duration=120, record_events=True) as load:
+            version.write_text("v2 slow")
+            with pytest.raises(CanaryFailed) as failed:
+                canary_reload(run, steps)
+            wait_for(lambda: run.active() == before, 15, 0.1, what=f"the old version serving: {run.instances()}")
+            load.stop()
+        print(f"\n{load.result.summary()}\n{steps.text()}")
+        assert "p99 latency" in str(failed.value)
+        assert load.result.failed == 0, load.result.failures
+    finally:
+        run.stop_and_check_nothing_left()
+
+
+@SERVERS
+def test_a_version_whose_health_check_fails_never_gets_traffic(short_tmp: Path, pin_root: Path,
+                                                                cmd: list[str]) -> None:
+    run, version = start(short_tmp, pin_root, cmd)
+    try:
+        before = run.wait_both()
+        steps = Steps()
+        with Load("127.0.0.1", run.port, concurrency=4, duration=120, record_events=True) as load:
+            version.write_text("v2 unhealthy")
+            with pytest.raises(Exception) as failed:
+                request_reload(run.service, run.control, timeout=120, progress=steps,
+                               options={"canary": CANARY, "health_path": "/healthz"})
+            wait_for(lambda: run.active() == before, 15, 0.1, what=f"the old version serving: {run.instances()}")
+            load.stop()
+        r = load.result
+        print(f"\n{cmd[0]}: {r.summary()}\n{steps.text()}\n{failed.value}")
+        assert "not ready" in str(failed.value) and "rolled back" in str(failed.value)
+        assert steps.at("weight") == []
+        assert r.failed == 0, r.failures
+        assert {who for _, _, who in answered_by(r, load)} == {"v1"}
+    finally:
+        run.stop_and_check_nothing_left()
