@@ -307,6 +307,9 @@ def add_demo(sub: Any) -> argparse.ArgumentParser:
     dm.add_argument("--baseline", action="store_true", help="the same script with plain SO_REUSEPORT, no BPF")
     dm.add_argument("--concurrency", type=_positive_int, default=16, help="load clients (default 16)")
     dm.add_argument("--out", type=Path, default=None, metavar="PNG", help="where to write the PNG timeline")
+    dm.add_argument("--bad-version", action="store_true",
+                    help="instead: deploy a version answering 500 to 1 request in 5 with 'reload --canary' and see "
+                         "it rolled back by itself, then a good one promoted (--duration: seconds per canary step x5)")
     dm.add_argument("--kernel-only", action="store_true", help="only the kernel-level demonstration (no web server)")
     dm.add_argument("--connections", type=_positive_int, default=50, help="with --kernel-only: queued connections")
     return dm
@@ -643,6 +646,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from .kernel_demo import kernel_demo
 
         return kernel_demo(args.connections)
+    if args.bad_version:
+        if args.baseline:
+            raise UsageError("--bad-version has no --baseline: without a canary the bad version simply serves")
+        from .demo_canary import demo_canary
+
+        return demo_canary(args.duration / 5, args.server, args.concurrency, args.out)
     from .demo import demo
 
     return demo(args.duration, args.server, args.baseline, args.concurrency, args.out)

@@ -67,14 +67,15 @@ class WithStandby:
 
     name = "reuseport-standby"
 
-    def __init__(self, server: str, port: int, tmp: Path) -> None:
+    def __init__(self, server: str, port: int, tmp: Path, env: dict[str, str] | None = None) -> None:
         self.service = f"demo{uuid.uuid4().hex[:6]}"
         self.control = str(tmp / f"{self.service}.sock")
         self.port = port
         cmd = [sys.executable, "-m", "reuseport_standby", "run", "--service", self.service,
                "--bind", f"127.0.0.1:{port}", "--control", self.control, "--", *server_command(server)]
         self.log = open(tmp / "run.log", "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env={**os.environ, **(env or {})})
 
     def _instances(self) -> list[dict]:
         try:

@@ -6,9 +6,15 @@ from pathlib import Path
 from typing import Sequence
 
 
+#: the restart demo's series: who answered (the first word of the body), its legend and colour
+ROLES = (("primary", "served by primary", "#2f6db5"), ("standby", "served by standby", "#f0a030"))
+
+
 def draw(events: Sequence[tuple[float, str, str]], marks: Sequence[tuple[float, str]], path: Path,
-         title: str, bucket: float = 0.1) -> Path:
-    """``events``: (t, outcome, who) per request; ``marks``: (t, label) per restart."""
+         title: str, bucket: float = 0.1, groups: Sequence[tuple[str, str, str]] = ROLES) -> Path:
+    """``events``: (t, outcome, who) per request; ``marks``: (t, label) per restart; ``groups``:
+    (who, legend, colour) of the answered requests, stacked in that order.  Error responses
+    (``http_*``) are stacked on top in their version's colour, hatched; connection failures in red."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -16,21 +22,32 @@ def draw(events: Sequence[tuple[float, str, str]], marks: Sequence[tuple[float, 
 
     end = max([e[0] for e in events] + [m[0] for m in marks] + [bucket])
     n = int(end / bucket) + 1
-    series = {"primary": [0] * n, "standby": [0] * n, "failed": [0] * n}
+    ok = {who: [0] * n for who, _, _ in groups}
+    errors = {who: [0] * n for who, _, _ in groups}
+    failed = [0] * n
     for t, kind, who in events:
         i = int(t / bucket)
-        if kind != "ok":
-            series["failed"][i] += 1
-        elif who in series:
-            series[who][i] += 1
+        if kind == "ok" and who in ok:
+            ok[who][i] += 1
+        elif kind.startswith("http_") and who in errors:
+            errors[who][i] += 1
+        elif kind != "ok":
+            failed[i] += 1
     xs = [i * bucket for i in range(n)]
     fig, ax = plt.subplots(figsize=(11, 4.2), dpi=110)
-    ax.bar(xs, series["primary"], width=bucket, align="edge", color="#2f6db5", label="served by primary")
-    ax.bar(xs, series["standby"], width=bucket, align="edge", bottom=series["primary"], color="#f0a030",
-           label="served by standby")
-    if any(series["failed"]):
-        ax.bar(xs, series["failed"], width=bucket, align="edge", color="#d62728", label="failed")
-    top = max(p + s for p, s in zip(series["primary"], series["standby"])) or 1
+    bottom = [0] * n
+    for who, label, colour in groups:
+        ax.bar(xs, ok[who], width=bucket, align="edge", bottom=bottom, color=colour, label=label)
+        bottom = [b + v for b, v in zip(bottom, ok[who])]
+    for who, label, colour in groups:
+        if any(errors[who]):
+            ax.bar(xs, errors[who], width=bucket, align="edge", bottom=bottom, color=colour, hatch="////",
+                   edgecolor="#d62728", label=f"error responses ({who})")
+            bottom = [b + v for b, v in zip(bottom, errors[who])]
+    if any(failed):
+        ax.bar(xs, failed, width=bucket, align="edge", bottom=bottom, color="#d62728", label="failed")
+        bottom = [b + v for b, v in zip(bottom, failed)]
+    top = max(bottom) or 1
     for t, label in marks:
         ax.axvline(t, color="#444", linestyle="--", linewidth=1)
         ax.text(t + 0.05, top * 1.02, label, rotation=90, va="bottom", ha="left", fontsize=8)

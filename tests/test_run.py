@@ -148,6 +148,18 @@ def test_demo_baseline_shows_failures(tmp_path: Path, kernel: None) -> None:
     assert png.exists()
 
 
+def test_demo_bad_version_is_rolled_back_on_the_timeline(tmp_path: Path, kernel: None) -> None:
+    png = tmp_path / "canary.png"
+    r = subprocess.run([sys.executable, "-m", "reuseport_standby", "demo", "--bad-version", "--duration", "15",
+                        "--out", str(png)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    print(r.stdout, r.stderr)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "THE BAD VERSION WAS ROLLED BACK BY ITSELF; NO CONNECTION FAILED" in r.stdout
+    v2 = next(line for line in r.stdout.splitlines() if line.strip().startswith("v2 (bad"))
+    assert "rolled back" in v2 and int(v2.split("answered,")[1].split()[0]) > 0, "its errors are shown"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_users_own_gunicorn_config_keeps_working(short_tmp: Path, pin_root: Path, nobody_venv: Path) -> None:
     """`run --user nobody -- gunicorn -c their.conf.py ...`: their settings and hooks apply, ours are composed
     in (the composed config, written by root, is handed to the instances' user)."""

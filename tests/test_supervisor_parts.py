@@ -188,6 +188,27 @@ def test_a_worker_of_a_drained_instance_joins_drained(broker: Broker) -> None:
     assert all(st.group.read_config().live[0] == () for st in broker.states.values())
 
 
+def test_drain_by_pid_takes_out_that_instance_and_its_workers_only(broker: Broker) -> None:
+    """A canary reload drains the old standby while the new one, same role, takes the standby's share."""
+    root = broker.registry.new(None, 1, 0)
+    old = hello(broker, role="standby", scope="worker")
+    old_workers = [hello(broker, role="standby", parent=old.pid) for _ in range(2)]
+    new = hello(broker, role="standby")
+    for inst in (*old_workers, new):
+        broker.handle(inst, req("ready"), [])
+    broker.handle(root, req("drain", role="standby", pid=old.pid), [])
+    assert all(w.state is State.DRAINED for w in old_workers) and new.state is State.ACTIVE
+    new_slots = set(new.slots.values())
+    assert all(set(st.group.read_config().live[1]) == new_slots for st in broker.states.values())
+    with pytest.raises(ProtocolError, match=f"no active standby instance with pid {old.pid} to drain"):
+        broker.handle(root, req("drain", role="standby", pid=old.pid), [])
+    broker.handle(root, req("undrain", role="standby", pid=old.pid), [])
+    assert all(w.state is State.ACTIVE for w in old_workers)
+    assert all(len(st.group.read_config().live[1]) == 3 for st in broker.states.values())
+    with pytest.raises(ProtocolError, match="pid must be a positive integer"):
+        req("drain", role="standby", pid="1")
+
+
 def test_slots_full_is_refused_at_hello_with_what_to_do(broker: Broker) -> None:
     for _ in range(32):
         broker.handle(hello(broker, uid=0), req("ready"), [])
