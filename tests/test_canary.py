@@ -6,6 +6,7 @@ import pytest
 
 from reuseport_standby.canary import CanaryPlan, instance_outcomes, judge
 from reuseport_standby.outcomes import BUCKETS, Outcomes, Recorder, bucket_of, upper_bound
+from reuseport_standby.runner import ReloadOptions, reload_options
 
 
 def window(ok: int, errors: int = 0, seconds: float = 0.01, *, slow: int = 0, slow_seconds: float = 1.0) -> Outcomes:
@@ -106,3 +107,20 @@ def test_an_instance_sums_its_entry_and_its_workers() -> None:
                         {"pid": 20, "outcomes": window(100).to_wire()}, {"pid": 12, "parent": 10}]}
     got = instance_outcomes(st, 10)
     assert got.requests == 13 and got.errors == 1
+
+
+@pytest.mark.parametrize("msg, says", [
+    ({"canary": {"weights": [50, 10]}}, "increase"), ({"canary": "10,50"}, "object"),
+    ({"health_path": "healthz"}, "absolute"), ({"health_path": "/a b"}, "absolute"), ({"health_path": 1}, "string"),
+    ({"health_path": "/x" * 600}, "1024"),
+])
+def test_a_bad_reload_request_is_refused_before_anything_starts(msg: dict, says: str) -> None:
+    with pytest.raises(ValueError, match=says):
+        reload_options(msg)
+
+
+def test_reload_options_pass_a_plan_and_a_health_path_through() -> None:
+    opts = reload_options({"canary": {"weights": [10, 50]}, "health_path": "/healthz?deep=1"})
+    assert opts.canary is not None and opts.canary.weights == (10, 50) and opts.health_path == "/healthz?deep=1"
+    assert reload_options({"health_path": ""}).health_path == "", "'' turns the check off"
+    assert reload_options({}) == ReloadOptions()

@@ -447,11 +447,11 @@ def test_a_reload_reply_longer_than_one_message_reaches_reload(reload_socket) ->
     runner, control = reload_socket
     big = {"ok": True, "replaced": [{"role": "standby", "pid": 1, "generation": 3}] * 2000, "seconds": 1.5}
     assert len(protocol._dump(big)) > 3 * protocol.MAX_MESSAGE
-    runner.reload = lambda: big
+    runner.reload = lambda **_: big
     assert request_reload("svc", control, timeout=10) == {"v": protocol.VERSION, **big}
 
     why = "new primary (pid 42) exited with status 1 before it was ready: " + "Traceback line\n" * 3000
-    runner.reload = lambda: (_ for _ in ()).throw(InstanceFailed(why))
+    runner.reload = lambda **_: (_ for _ in ()).throw(InstanceFailed(why))
     with pytest.raises(ProtocolError) as err:
         request_reload("svc", control, timeout=10)
     assert err.value.code == "rolled_back" and str(err.value) == str(InstanceFailed(why))  # whole, with its pointer
@@ -474,15 +474,18 @@ def test_the_reload_socket_answers_what_it_cannot_use(reload_socket) -> None:
     assert ask(b"[1, 2]")["error"] == "unknown_op"
     assert ask(b"\xff not json")["error"] == "malformed"
     assert ask(b"{" + b" " * (protocol.MAX_MESSAGE + 10) + b"}")["error"] == "too_large"
+    bad_plan = ask(json.dumps({"op": "reload", "canary": {"weights": [50, 10], "step_seconds": 1e9}}).encode())
+    assert bad_plan["error"] == "bad_request" and "increase" in bad_plan["message"]
+    assert ask(b'{"op": "reload", "health_path": "../etc"}')["error"] == "bad_request"
 
-    def broken() -> dict:
+    def broken(**_: object) -> dict:
         raise KeyError("primary")
 
     runner.reload = broken
     with pytest.raises(ProtocolError) as err:
         request_reload("svc", control, timeout=10)
     assert err.value.code == "internal" and "KeyError" in str(err.value)
-    runner.reload = lambda: {"ok": True, "not json": {1, 2}}
+    runner.reload = lambda **_: {"ok": True, "not json": {1, 2}}
     with pytest.raises(ProtocolError) as err:
         request_reload("svc", control, timeout=10)
     assert err.value.code == "internal" and "could not be encoded" in str(err.value)
