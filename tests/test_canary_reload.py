@@ -46,10 +46,11 @@ class Steps:
         return "\n".join(f"{t:.2f} {e.get('progress')}" for t, e in self.events)
 
 
-def start(tmp: Path, pin_root: Path, cmd: list[str], first: str = "v1 good") -> tuple[Run, Path]:
+def start(tmp: Path, pin_root: Path, cmd: list[str], first: str = "v1 good", env: dict[str, str] | None = None,
+          args: tuple[str, ...] = ()) -> tuple[Run, Path]:
     version = tmp / "version"
     version.write_text(first)
-    run = Run(tmp, pin_root, cmd, env={"RS_TEST_VERSION_FILE": str(version)})
+    run = Run(tmp, pin_root, cmd, env={"RS_TEST_VERSION_FILE": str(version), **(env or {})}, args=args)
     return run, version
 
 
@@ -98,10 +99,12 @@ def test_a_good_version_is_promoted_through_the_steps(short_tmp: Path, pin_root:
         run.stop_and_check_nothing_left()
 
 
-@SERVERS
+@pytest.mark.parametrize("cmd, scope", [(GUNICORN, "instance"), (UVICORN, "instance"), (GUNICORN, "worker")],
+                         ids=["gunicorn", "uvicorn", "gunicorn-worker-scope"])
 def test_a_version_answering_500_is_rolled_back_at_the_first_step(short_tmp: Path, pin_root: Path,
-                                                                  cmd: list[str]) -> None:
-    run, version = start(short_tmp, pin_root, cmd)
+                                                                  cmd: list[str], scope: str) -> None:
+    """In worker scope the old standby's workers are drained with it (by its pid) and undrained after."""
+    run, version = start(short_tmp, pin_root, cmd, env={"REUSEPORT_STANDBY_SCOPE": scope})
     try:
         before = run.wait_both()
         steps = Steps()
@@ -111,6 +114,7 @@ def test_a_version_answering_500_is_rolled_back_at_the_first_step(short_tmp: Pat
             with pytest.raises(CanaryFailed) as failed:
                 canary_reload(run, steps)
             wait_for(lambda: run.active() == before, 15, 0.1, what=f"the old version serving: {run.instances()}")
+            assert not [i for i in run.instances() if i["state"] == "drained"], "the old standby is undrained"
             time.sleep(1)
             load.stop()
         r = load.result

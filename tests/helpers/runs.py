@@ -52,14 +52,16 @@ class Run:
             return []
 
     def active(self) -> dict[str, int]:
-        return {i["role"]: i["pid"] for i in self.instances() if i["state"] == "active"}
+        """Role → pid of the active instances (in worker scope, their masters: the workers are left out)."""
+        return {i["role"]: i["pid"] for i in self.instances() if i["state"] == "active" and i.get("parent") is None}
 
     def wait_both(self, timeout: float = 60) -> dict[str, int]:
         def both() -> dict[str, int] | None:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"run exited {self.proc.returncode}:\n{self.log()[-3000:]}")
             a = self.active()
-            return a if set(a) == {"primary", "standby"} and len(self.instances()) == 2 else None
+            masters = [i for i in self.instances() if i.get("parent") is None]
+            return a if set(a) == {"primary", "standby"} and len(masters) == 2 else None
         return wait_for(both, timeout, 0.1, what=f"primary and standby active\n{self.log()[-2000:]}")
 
     def leftovers(self) -> set[int]:
