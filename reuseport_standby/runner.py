@@ -46,7 +46,7 @@ from . import client, protocol
 from .children import Orphans, become_subreaper, has_exited, my_children, send
 from .errors import ProtocolError, ReuseportStandbyError, SupervisorUnavailable
 from .kernel.layout import Role
-from .names import ENV_CONTROL, ENV_GENERATION, ENV_ROLE, ENV_SERVICE
+from .names import ENV_CONTROL, ENV_GENERATION, ENV_HEALTH_PATH, ENV_ROLE, ENV_SERVICE
 from .status import instance_state
 from .supervisor.loop import sd_notify
 from .supervisor.options import SuperviseOptions
@@ -148,6 +148,8 @@ class RunConfig:
     user: InstanceUser | None = None
     #: variables of our own options (REUSEPORT_STANDBY_BIND...) that no child inherits (cli.option_variables)
     drop_env: frozenset[str] = frozenset()
+    #: --health-path: the instances' workers take traffic only once GET PATH answers 2xx (health_check.py)
+    health_path: str | None = None
 
     @property
     def service(self) -> str:
@@ -326,6 +328,7 @@ class SupervisorChild:
 class Runner:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
+        self.health_path = cfg.health_path  # for the instances started from now on (spawn)
         self.control = cfg.supervisor.control_path
         self.run_path = run_socket_path(self.control)
         self.current: dict[Role, Managed | None] = {Role.PRIMARY: None, Role.STANDBY: None}
@@ -380,6 +383,8 @@ class Runner:
         env = {**child_env(self.cfg.drop_env), **self.cfg.extra_env, ENV_ROLE: role.value,
                ENV_SERVICE: self.cfg.service, ENV_CONTROL: self.control,
                ENV_GENERATION: str(self._generation)}
+        if self.health_path:
+            env[ENV_HEALTH_PATH] = self.health_path
         user = self.cfg.user
         kwargs: dict[str, Any] = {}
         if user is not None:
