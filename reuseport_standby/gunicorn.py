@@ -12,7 +12,9 @@ can import them and :func:`compose` them with its own.
   once their listeners are polled, ``uvicorn_worker.UvicornWorker`` only
   after ASGI lifespan startup and ``create_server``.  The first heartbeat of
   a worker writes its pid to a pipe; a thread in the master reads it and
-  asks the supervisor to activate the instance.
+  asks the supervisor to activate the instance.  With
+  ``REUSEPORT_STANDBY_HEALTH_PATH``, a worker reports only once its app
+  answered GET on that path with 2xx (:mod:`reuseport_standby.health_check`).
 - **Leave before draining.**  ``Arbiter.stop()`` is where every shutdown
   (SIGTERM, SIGINT, SIGQUIT, a halt after a boot failure) closes the
   listeners and signals the workers.  It is wrapped so the instance first
@@ -368,7 +370,12 @@ class GunicornInstance:
     async def _asgi_healthy_then(self, worker: "Worker", target: health_check.HealthPath,
                                  report: Callable[[], None]) -> None:
         """In an ASGI worker's loop, after lifespan startup: check until 2xx, then report it serves."""
-        app, state, root_path = _asgi_target(worker)
+        try:
+            app, state, root_path = _asgi_target(worker)
+        except AttributeError as exc:  # a worker class that keeps its app elsewhere: say so, take no traffic
+            log.error("reuseport-standby: worker %d cannot call its app for the health check (%s); it takes no "
+                      "traffic", os.getpid(), exc)
+            return
         host, port = self._check_address()
         watch = health_check.Watch(target, f"worker {os.getpid()}", log)
         while worker.alive:

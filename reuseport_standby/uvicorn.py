@@ -10,7 +10,10 @@ adds the two moments the supervisor has to hear about:
   the sockets are being served.  The callback writes the worker's pid to a
   pipe; a thread in the main process activates the instance on the first
   one.  The callback travels inside the pickled Config, so it works for
-  spawned workers, ``--factory`` and worker restarts alike.
+  spawned workers, ``--factory`` and worker restarts alike.  With
+  ``REUSEPORT_STANDBY_HEALTH_PATH``, a process says so only once its app
+  answered GET on that path with 2xx, called in its loop with the lifespan
+  state (:mod:`reuseport_standby.health_check`).
 * **stop means drain.**  The instance leaves its slots, keeps accepting for
   ``STOP_GRACE`` (what was already on its way arrives), and only then lets
   uvicorn close the listeners: single-process, at the start of

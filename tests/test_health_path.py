@@ -152,6 +152,36 @@ def test_run_refuses_a_bad_health_path_in_one_line() -> None:
     assert proc.stderr.count("\n") == 1 and "the health path must be a path starting with" in proc.stderr
 
 
+@pytest.mark.parametrize("server", ["gunicorn", "uvicorn"])
+def test_an_instance_refuses_a_bad_health_path_at_start_in_one_line(server: str) -> None:
+    cmd = (gunicorn_cmd("health_app:app") if server == "gunicorn"
+           else [sys.executable, "-m", "reuseport_standby", "uvicorn", "health_app:asgi_app"])
+    env = {**os.environ, "REUSEPORT_STANDBY_ROLE": "primary", "REUSEPORT_STANDBY_HEALTH_PATH": "healthz",
+           "REUSEPORT_STANDBY_CONNECT_TIMEOUT": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=APPS, env=env)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "REUSEPORT_STANDBY_HEALTH_PATH must be a path starting with a single '/'" in lines[0]
+    assert "troubleshooting.md#instance-settings-refused" in lines[0]
+
+
+def test_run_takes_the_health_path_from_its_option_or_variable_and_passes_it_to_the_instances() -> None:
+    from reuseport_standby import cli
+
+    def config(argv: list[str], environ: dict[str, str]):
+        args = cli.build_parser(environ).parse_args(["run", "--bind", "127.0.0.1:1", *argv, "--", "gunicorn", "a:b"])
+        cli.envopts.check(args)
+        return args.health_path
+
+    assert config([], {}) is None
+    assert config([], {"REUSEPORT_STANDBY_HEALTH_PATH": "/healthz"}) == "/healthz"
+    assert config(["--health-path", "/ready?x=1"], {"REUSEPORT_STANDBY_HEALTH_PATH": "/healthz"}) == "/ready?x=1"
+    with pytest.raises(cli.UsageError, match="REUSEPORT_STANDBY_HEALTH_PATH"):
+        config([], {"REUSEPORT_STANDBY_HEALTH_PATH": "healthz"})
+    # run's own variable is not inherited by its children: they get the value run was given, or none
+    assert "REUSEPORT_STANDBY_HEALTH_PATH" in cli.option_variables()
+
+
 # -- real servers ------------------------------------------------------------------------------------
 
 def port_of(sup: SupervisorProc) -> int:
