@@ -266,16 +266,18 @@ def test_gunicorn_worker_without_a_2xx_gets_no_traffic(supervisor, short_tmp: Pa
 
 
 @pytest.mark.kernel
-@pytest.mark.parametrize("workers", [1, 2])
-def test_uvicorn_process_without_a_2xx_gets_no_traffic(supervisor, instances, short_tmp: Path, workers: int) -> None:
+@pytest.mark.parametrize("workers, scope", [(1, "instance"), (2, "instance"), (2, "worker")])
+def test_uvicorn_process_without_a_2xx_gets_no_traffic(supervisor, instances, short_tmp: Path, workers: int,
+                                                       scope: str) -> None:
     sup = supervisor()
     standby = healthy_standby(sup, short_tmp)
     flag = short_tmp / "healthy"
     options = ("--workers", str(workers)) if workers > 1 else ()
     primary = instances.uvicorn(sup, "primary", "health_app:asgi_app", *options,
-                                env={**HEALTH, "RS_TEST_HEALTH_FILE": str(flag)}).start()
+                                env={**HEALTH, "RS_TEST_HEALTH_FILE": str(flag),
+                                     "REUSEPORT_STANDBY_SCOPE": scope}).start()
     try:
-        held_back_then_admitted(sup, primary, flag, workers=workers, worker_scope=False)
+        held_back_then_admitted(sup, primary, flag, workers=workers, worker_scope=scope == "worker")
     finally:
         primary.stop()
         standby.stop()
