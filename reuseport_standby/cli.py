@@ -84,6 +84,17 @@ def _bounded(kind: Callable[[str], Any], low: float | None = None, high: float |
     return _typed(convert)
 
 
+def _health_target(value: str) -> str:
+    from .health_check import HealthPathError, parse
+
+    try:
+        return str(parse(value, "the health path"))
+    except HealthPathError as exc:
+        raise ValueError(exc.args[0]) from None
+
+
+_health_path = _typed(_health_target)
+_health_path_or_off = _typed(lambda value: value and _health_target(value))  # reload: '' turns the check off
 _seconds = _bounded(float, 0, what="seconds")
 _positive_int = _bounded(int, 1)
 _percent = _bounded(int, 0, 100, what="the standby's share")
@@ -205,6 +216,10 @@ def add_run(sub: Any) -> argparse.ArgumentParser:
     rn.add_argument("--scope", choices=("instance", "worker"), default=None,
                     help="instance (default): an instance's workers share its listeners; worker: every worker gets "
                          "listeners of its own (sets REUSEPORT_STANDBY_SCOPE for the instances)")
+    rn.add_argument("--health-path", type=_health_path, default=None, metavar="PATH",
+                    help="before a worker takes traffic, it calls its app in process with GET PATH (e.g. /healthz) "
+                         "until it answers 2xx; a reload whose new instance never does rolls back (sets "
+                         "REUSEPORT_STANDBY_HEALTH_PATH for the instances)")
     rn.add_argument("--no-migrate", action="store_true", help=argparse.SUPPRESS)
     rn.add_argument("--stall-timeout", type=_seconds, default=None, metavar="SECONDS",
                     help="demote an active instance whose queue waits this long with nothing accepted (default 2; "
@@ -259,7 +274,7 @@ def add_reload(sub: Any) -> argparse.ArgumentParser:
     rl.add_argument("--timeout", type=_bounded(float, 0.001, what="seconds"), default=None, metavar="SECONDS",
                     help="give up waiting after this long (default 600, or the canary's longest possible "
                          "duration plus 600; the reload itself goes on)")
-    rl.add_argument("--health-path", default=None, metavar="PATH",
+    rl.add_argument("--health-path", type=_health_path_or_off, default=None, metavar="PATH",
                     help="from this reload on, each worker GETs PATH in process and must get a 2xx before its "
                          "instance is activated ('' turns the check off)")
     cn = rl.add_argument_group("canary", "judge the new version on a share of the traffic before promoting it")
@@ -569,7 +584,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     # an instance under our CLI ('reuseport-standby uvicorn') logs ours alike; gunicorn's follow gunicorn's
     extra_env.update({ENV_LOG_LEVEL: logging.getLevelName(level).lower(), ENV_LOG_FORMAT: fmt})
     return RunConfig(supervisor=supervisor, command=command, ready_timeout=args.ready_timeout,
-                     stop_timeout=args.stop_timeout, extra_env=extra_env, user=user, drop_env=option_variables())
+                     stop_timeout=args.stop_timeout, extra_env=extra_env, user=user, drop_env=option_variables(),
+                     health_path=args.health_path)
 
 
 def option_variables() -> frozenset[str]:

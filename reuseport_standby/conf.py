@@ -7,7 +7,8 @@ Environment: ``REUSEPORT_STANDBY_ROLE`` (``primary`` or ``standby``, required),
 (the supervisor's control socket, default ``/run/reuseport-standby/SERVICE.sock``),
 ``REUSEPORT_STANDBY_CONNECT_TIMEOUT`` (seconds to wait for the supervisor, default 30),
 ``REUSEPORT_STANDBY_SCOPE`` (``instance``, default: one set of listeners per gunicorn;
-``worker``: one per worker).
+``worker``: one per worker), ``REUSEPORT_STANDBY_HEALTH_PATH`` (``/healthz``: a worker
+takes traffic only once its app answers GET there with 2xx).
 
 Importing this module registers the gunicorn master with the supervisor and
 takes its listeners; the logic lives in :mod:`reuseport_standby.gunicorn`.

@@ -12,7 +12,9 @@ can import them and :func:`compose` them with its own.
   once their listeners are polled, ``uvicorn_worker.UvicornWorker`` only
   after ASGI lifespan startup and ``create_server``.  The first heartbeat of
   a worker writes its pid to a pipe; a thread in the master reads it and
-  asks the supervisor to activate the instance.
+  asks the supervisor to activate the instance.  With
+  ``REUSEPORT_STANDBY_HEALTH_PATH``, a worker reports only once its app
+  answered GET on that path with 2xx (:mod:`reuseport_standby.health_check`).
 - **Leave before draining.**  ``Arbiter.stop()`` is where every shutdown
   (SIGTERM, SIGINT, SIGQUIT, a halt after a boot failure) closes the
   listeners and signals the workers.  It is wrapped so the instance first
@@ -38,6 +40,7 @@ can import them and :func:`compose` them with its own.
 from __future__ import annotations
 
 import _thread
+import asyncio
 import functools
 import inspect
 import logging
@@ -50,7 +53,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from .names import ENV_CONNECT_TIMEOUT, ENV_CONTROL, ENV_ROLE, ENV_SCOPE, ENV_SERVICE
-from . import protocol
+from . import health_check, protocol
 from .client import InstanceClient
 from .errors import ReuseportStandbyError
 from .kernel.layout import WORKERS_PER_INSTANCE, Role
@@ -93,6 +96,7 @@ class Settings:
     control: str | None = None
     connect_timeout: float = 30.0
     scope: str = "instance"
+    health: health_check.HealthPath | None = None  # REUSEPORT_STANDBY_HEALTH_PATH: 2xx there before traffic
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
@@ -117,8 +121,12 @@ class Settings:
         if scope not in protocol.SCOPES:
             raise ConfigurationError(f"{ENV_SCOPE} must be 'instance' (one set of listeners per gunicorn) or "
                                      f"'worker' (one per worker), not {scope!r}")
+        try:
+            health = health_check.from_env(env)
+        except health_check.HealthPathError as exc:
+            raise ConfigurationError(str(exc)) from None
         return cls(role=parsed_role, service=service, control=env.get(ENV_CONTROL) or None, connect_timeout=timeout,
-                   scope=scope)
+                   scope=scope, health=health)
 
 
 class GunicornInstance:
@@ -133,6 +141,7 @@ class GunicornInstance:
         self._ready_r = -1
         self._ready_w = -1
         self.worker_client: InstanceClient | None = None  # worker scope, in a worker: its own
+        self._health_task: asyncio.Task[None] | None = None  # an ASGI worker's checks, until healthy
 
     @property
     def worker_scope(self) -> bool:
@@ -183,9 +192,10 @@ class GunicornInstance:
         server.stop = self._leave_first(server.stop)
         if self.worker_scope:
             server.handle_ttin = self._bounded_ttin(server, server.handle_ttin)
-        server.log.info("reuseport-standby: %s instance %s of service %s on %s; active once a worker serves%s",
+        server.log.info("reuseport-standby: %s instance %s of service %s on %s; active once a worker serves%s%s",
                         self.client.role.value, self.client.instance_id, self.client.service,
                         ", ".join(map(str, self.client.addresses)),
+                        "" if self.settings.health is None else f" and answers GET {self.settings.health} with 2xx",
                         " (worker scope: every worker has listeners of its own)" if self.worker_scope else "")
 
     def problems(self, server: "Arbiter") -> list[str]:
@@ -295,15 +305,19 @@ class GunicornInstance:
         """In a worker whose app is loaded, before its serving loop.
 
         Reports the worker's first heartbeat (it serves), and closes its
-        listener copies the moment its serving loop returns.
+        listener copies the moment its serving loop returns.  With a health
+        path, a worker reports only once its app answers it with 2xx: a
+        WSGI worker checks before its serving loop (where the app is loaded
+        and nothing else runs), an ASGI worker in its event loop after
+        lifespan startup, from the first heartbeat on.
         """
         heartbeat = worker.notify
         run = worker.run
         own = self.worker_client
+        health = self.settings.health
+        asgi = _is_uvicorn_worker_class(type(worker)) or _is_asgi_worker_class(type(worker))
 
-        def first_heartbeat() -> None:
-            worker.notify = heartbeat
-            heartbeat()
+        def report() -> None:
             if own is not None:
                 self._activate_worker(worker, own)
                 return
@@ -312,8 +326,19 @@ class GunicornInstance:
             except OSError as exc:
                 log.warning("reuseport-standby: could not tell the master that worker %d serves: %s", os.getpid(), exc)
 
+        def first_heartbeat() -> None:
+            worker.notify = heartbeat
+            heartbeat()
+            if health is not None and asgi:
+                self._health_task = asyncio.get_running_loop().create_task(
+                    self._asgi_healthy_then(worker, health, report))
+                return
+            report()
+
         def run_then_release() -> None:
             try:
+                if health is not None and not asgi:
+                    self._wsgi_healthy(worker, health, heartbeat)
                 run()
             finally:
                 self.release(worker)
@@ -322,6 +347,43 @@ class GunicornInstance:
         worker.run = run_then_release  # gunicorn calls self.run() right after post_worker_init
         if own is not None:
             _leave_when_exiting(worker, own)
+
+    def _check_address(self) -> tuple[str, int]:
+        address = self.client.addresses[0]
+        return address.host, address.port
+
+    def _wsgi_healthy(self, worker: "Worker", target: health_check.HealthPath, heartbeat: Callable[[], None]) -> None:
+        """Before a WSGI worker's serving loop: call the app until it answers 2xx, or the worker is told to exit.
+
+        gunicorn's own heartbeat goes on meanwhile, so the arbiter does not take
+        the wait for a hang; a single check that hangs is ended by its
+        ``--timeout`` (the worker is killed, and another forked)."""
+        host, port = self._check_address()
+        watch = health_check.Watch(target, f"worker {os.getpid()}", log)
+        script_name = os.environ.get("SCRIPT_NAME", "")
+        while worker.alive:
+            heartbeat()
+            if watch.record(health_check.check_wsgi(worker.wsgi, target, host, port, script_name)):
+                return
+            time.sleep(health_check.RETRY_INTERVAL)
+
+    async def _asgi_healthy_then(self, worker: "Worker", target: health_check.HealthPath,
+                                 report: Callable[[], None]) -> None:
+        """In an ASGI worker's loop, after lifespan startup: check until 2xx, then report it serves."""
+        try:
+            app, state, root_path = _asgi_target(worker)
+        except AttributeError as exc:  # a worker class that keeps its app elsewhere: say so, take no traffic
+            log.error("reuseport-standby: worker %d cannot call its app for the health check (%s); it takes no "
+                      "traffic", os.getpid(), exc)
+            return
+        host, port = self._check_address()
+        watch = health_check.Watch(target, f"worker {os.getpid()}", log)
+        while worker.alive:
+            verdict = await health_check.check_asgi(app, target, host, port, state, root_path)
+            if watch.record(verdict):
+                report()
+                return
+            await asyncio.sleep(health_check.RETRY_INTERVAL)
 
     @staticmethod
     def release(worker: "Worker") -> None:
@@ -571,6 +633,14 @@ def _is_asgi_worker_class(cls: type) -> bool:
     """gunicorn's own ASGI worker (``-k asgi``), paced like uvicorn's, or a subclass."""
     gasgi = sys.modules.get("gunicorn.workers.gasgi")
     return gasgi is not None and isinstance(cls, type) and issubclass(cls, gasgi.ASGIWorker)
+
+
+def _asgi_target(worker: "Worker") -> tuple[Any, dict[str, Any] | None, str]:
+    """(app, lifespan state, root_path) of an ASGI worker, as its server passes them to a request."""
+    if _is_asgi_worker_class(type(worker)):  # gunicorn's -k asgi: worker.state is its lifespan state
+        return worker.asgi, getattr(worker, "state", None), getattr(worker.cfg, "root_path", "") or ""
+    config = worker.config  # a uvicorn worker, adopted: StandbyConfig.load() recorded the lifespan state
+    return config.loaded_app, getattr(config, "rs_app_state", None), config.root_path
 
 
 def _pace_asgi(worker: "Worker") -> None:

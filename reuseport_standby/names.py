@@ -13,8 +13,7 @@ from .kernel.layout import Role
 
 __all__ = ["Role", "State", "Scope", "ENV_ROLE", "ENV_SERVICE", "ENV_CONTROL", "ENV_SCOPE",
            "ENV_CONNECT_TIMEOUT", "ENV_GENERATION", "ENV_SECCOMP", "ENV_USER", "ENV_GROUP",
-           "ENV_ACCEPT_AHEAD", "ENV_KEEPALIVE_DRAIN", "ENV_LOG_LEVEL", "ENV_LOG_FORMAT",
-           "ENV_HEALTH_PATH"]
+           "ENV_ACCEPT_AHEAD", "ENV_KEEPALIVE_DRAIN", "ENV_HEALTH_PATH", "ENV_LOG_LEVEL", "ENV_LOG_FORMAT"]
 
 #: the role an instance serves (primary / standby)
 ENV_ROLE = "REUSEPORT_STANDBY_ROLE"
@@ -40,6 +39,8 @@ ENV_GROUP = "REUSEPORT_STANDBY_GROUP"
 ENV_ACCEPT_AHEAD = "REUSEPORT_STANDBY_ACCEPT_AHEAD"
 #: uvicorn: seconds a stopping instance waits for the next request of an idle keep-alive connection (0: none)
 ENV_KEEPALIVE_DRAIN = "REUSEPORT_STANDBY_KEEPALIVE_DRAIN"
+#: ``run --health-path``: every worker gets a 2xx from its own app on GET PATH before it takes traffic (health_check.py)
+ENV_HEALTH_PATH = "REUSEPORT_STANDBY_HEALTH_PATH"
 #: --log-level / --log-format of every command (``run`` sets the format for its instances)
 ENV_LOG_LEVEL = "REUSEPORT_STANDBY_LOG_LEVEL"
 ENV_LOG_FORMAT = "REUSEPORT_STANDBY_LOG_FORMAT"

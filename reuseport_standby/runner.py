@@ -149,7 +149,7 @@ class RunConfig:
     user: InstanceUser | None = None
     #: variables of our own options (REUSEPORT_STANDBY_BIND...) that no child inherits (cli.option_variables)
     drop_env: frozenset[str] = frozenset()
-    #: each worker GETs this path in process and must get a 2xx before its instance is activated
+    #: --health-path: the instances' workers take traffic only once GET PATH answers 2xx (health_check.py)
     health_path: str | None = None
 
     @property
@@ -362,6 +362,7 @@ class SupervisorChild:
 class Runner:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
+        self.health_path = cfg.health_path  # for the instances started from now on (spawn)
         self.control = cfg.supervisor.control_path
         self.run_path = run_socket_path(self.control)
         self.current: dict[Role, Managed | None] = {Role.PRIMARY: None, Role.STANDBY: None}
@@ -375,7 +376,6 @@ class Runner:
         self._stopping = threading.Event()
         self._requests: queue.SimpleQueue[tuple[Future, Callable[[dict[str, Any]], None] | None, ReloadOptions]] = \
             queue.SimpleQueue()
-        self.health_path = cfg.health_path
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self.supervisor = SupervisorChild(cfg.supervisor, self.control, cfg.drop_env)
@@ -1032,10 +1032,13 @@ def reload_options(msg: dict[str, Any]) -> ReloadOptions:
 
 
 def check_health_path(path: str) -> str:
-    """A path an instance can GET in process: absolute, printable, short (ValueError otherwise)."""
-    if not path.startswith("/") or len(path) > 1024 or not path.isprintable() or " " in path:
-        raise ValueError(f"a health path is an absolute URL path such as /healthz (no spaces, at most 1024 "
-                         f"characters), got {path!r:.80}")
+    """A path an instance can GET in process (health_check.parse's rules; ValueError otherwise)."""
+    from .health_check import HealthPathError, parse
+
+    try:
+        parse(path, "a health path")
+    except HealthPathError as exc:
+        raise ValueError(str(exc)) from None
     return path
 
 

@@ -10,7 +10,10 @@ adds the two moments the supervisor has to hear about:
   the sockets are being served.  The callback writes the worker's pid to a
   pipe; a thread in the main process activates the instance on the first
   one.  The callback travels inside the pickled Config, so it works for
-  spawned workers, ``--factory`` and worker restarts alike.
+  spawned workers, ``--factory`` and worker restarts alike.  With
+  ``REUSEPORT_STANDBY_HEALTH_PATH``, a process says so only once its app
+  answered GET on that path with 2xx, called in its loop with the lifespan
+  state (:mod:`reuseport_standby.health_check`).
 * **stop means drain.**  The instance leaves its slots, keeps accepting for
   ``STOP_GRACE`` (what was already on its way arrives), and only then lets
   uvicorn close the listeners: single-process, at the start of
@@ -73,7 +76,7 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
 from .names import ENV_KEEPALIVE_DRAIN, ENV_ROLE, ENV_SCOPE, ENV_SERVICE
-from . import pacing, protocol
+from . import health_check, pacing, protocol
 from .client import InstanceClient
 from .errors import ReuseportStandbyError
 from .kernel.layout import WORKERS_PER_INSTANCE, Role
@@ -142,6 +145,7 @@ def run(
     check_options(config)
     pacing.accept_ahead()  # a bad REUSEPORT_STANDBY_ACCEPT_AHEAD / _KEEPALIVE_DRAIN fails here, not in every worker
     keepalive_drain(None)
+    health = health_check.from_env()  # REUSEPORT_STANDBY_HEALTH_PATH: a bad one, one line here
     the_role = resolve_role(role)
     the_service = protocol.check_service(service or os.environ.get(ENV_SERVICE)
                                          or protocol.DEFAULT_SERVICE)
@@ -164,7 +168,9 @@ def run(
         spawn = multiprocessing.get_context("spawn")
         reader, writer = spawn.Pipe(duplex=False)
         leaving = spawn.Event() if cfg.workers > 1 else None  # workers hear "out of the slots" through it
-        cfg.callback_notify = ServingNotice(writer, user_notify, leaving)
+        address = client.addresses[0]
+        cfg.callback_notify = ServingNotice(writer, user_notify, leaving,
+                                            None if health is None else (health, address.host, address.port))
         activation = Activation(client, per_worker=the_scope == "worker")
         relay = threading.Thread(target=_relay, args=(reader, activation), name="reuseport-standby-ready", daemon=True)
         relay.start()
@@ -238,12 +244,30 @@ class StandbyConfig(uvicorn.Config):
     """
 
     def load(self) -> None:
+        global _loaded_config
         super().load()
         self.http_protocol_class = _first_request_grace(
             self.http_protocol_class, keepalive_drain(self.timeout_graceful_shutdown))
+        lifespan_class = self.lifespan_class
+
+        def recording_lifespan(config: uvicorn.Config) -> Any:
+            # The server passes this object's state to every request: the health check passes it too.
+            lifespan = lifespan_class(config)
+            self.rs_app_state = lifespan.state
+            return lifespan
+
+        self.lifespan_class = recording_lifespan
+        _loaded_config = self
+
+    #: the lifespan state of the server serving with this config, once it started (see load())
+    rs_app_state: dict[str, Any] | None = None
 
     def get_loop_factory(self) -> Callable[[], asyncio.AbstractEventLoop] | None:
         return pacing.pacing_loop_factory(super().get_loop_factory(), pacing.accept_ahead())
+
+
+# The config this process serves with, once loaded (a process runs one server).
+_loaded_config: StandbyConfig | None = None
 
 
 def keepalive_drain(graceful_timeout: float | None, value: str | None = None) -> float:
@@ -352,14 +376,23 @@ class ServingNotice:
     complete, sockets served) and then every ``timeout_notify`` seconds.  It
     must pickle, since it rides in the Config to spawned workers; the pipe
     end does (multiprocessing passes it to the child at spawn).
+
+    With a health path (``health``: the path and the address the check
+    names), the first tick starts a task in the server's loop that calls
+    the app until it answers 2xx; only then does the process say it serves.
     """
 
     def __init__(self, conn: Connection, chained: Callable[[], Awaitable[None]] | None = None,
-                 leaving: Any = None) -> None:
+                 leaving: Any = None, health: tuple[health_check.HealthPath, str, int] | None = None) -> None:
         self.conn = conn
         self.chained = chained
         self.leaving = leaving  # with workers: a multiprocessing Event set when the instance leaves its slots
+        self.health = health
         self.sent = False
+        self._checks: asyncio.Task[None] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_checks": None}
 
     async def __call__(self) -> None:
         if not self.sent:
@@ -367,14 +400,35 @@ class ServingNotice:
             if self.leaving is not None:
                 threading.Thread(target=_watch_leaving, args=(self.leaving, asyncio.get_running_loop()),
                                  name="reuseport-standby-leaving", daemon=True).start()
-            if _worker_client is not None:  # worker scope: this worker activates its own listeners
-                await asyncio.get_running_loop().run_in_executor(None, _activate_worker, _worker_client)
-            try:
-                self.conn.send(os.getpid())  # a few bytes: one atomic pipe write
-            except OSError as exc:
-                log.warning("could not tell the main process that worker %d serves: %s", os.getpid(), exc)
+            if self.health is None:
+                await self._serving()
+            else:
+                self._checks = asyncio.get_running_loop().create_task(self._healthy_then_serving(*self.health))
         if self.chained is not None:
             await self.chained()
+
+    async def _serving(self) -> None:
+        if _worker_client is not None:  # worker scope: this worker activates its own listeners
+            await asyncio.get_running_loop().run_in_executor(None, _activate_worker, _worker_client)
+        try:
+            self.conn.send(os.getpid())  # a few bytes: one atomic pipe write
+        except OSError as exc:
+            log.warning("could not tell the main process that worker %d serves: %s", os.getpid(), exc)
+
+    async def _healthy_then_serving(self, target: health_check.HealthPath, host: str, port: int) -> None:
+        config = _loaded_config
+        if config is None:  # not served through StandbyConfig: nothing to call the app with
+            log.error("uvicorn process [%d]: no StandbyConfig loaded, so no health check; serving", os.getpid())
+            await self._serving()
+            return
+        watch = health_check.Watch(target, f"uvicorn process [{os.getpid()}]", log)
+        while True:
+            verdict = await health_check.check_asgi(config.loaded_app, target, host, port, config.rs_app_state,
+                                                    config.root_path)
+            if watch.record(verdict):
+                break
+            await asyncio.sleep(health_check.RETRY_INTERVAL)
+        await self._serving()
 
 
 # In a worker: True once the instance has left its slots (its main process said so), so that
