@@ -658,8 +658,10 @@ class Runner:
                     job.old_drained = True
                 self._canary_begin_step(job, 0)
             elif now > job.deadline:
+                health = f" (no 2xx from its workers' GET {self.health_path}: its log says why)" \
+                    if self.health_path else ""
                 self._canary_rollback(job, f"the new version (pid {new.pid}) was not ready within "
-                                           f"{self.cfg.ready_timeout:.0f} s")
+                                           f"{self.cfg.ready_timeout:.0f} s{health}")
             return
         if job.phase != "step" or now < job.step_started + plan.step_seconds:
             return
@@ -778,7 +780,8 @@ class Runner:
         fields = {"canary": {"verdicts": job.verdicts, "plan": job.options.canary.to_wire() if job.options.canary else None,
                              "pid": None if new is None else new.pid}}
         self._progress(f"rolled back: {why}", step="rolled_back", **fields)
-        self._finish_reload(None, CanaryRolledBack(f"canary {why}; rolled back: the new version (pid "
+        self._finish_reload(None, CanaryRolledBack(f"canary {why if why.startswith('step') else 'reload: ' + why}"
+                                                   f"; rolled back: the new version (pid "
                                                    f"{None if new is None else new.pid}) is stopped, the old "
                                                    f"version serves on", fields))
 

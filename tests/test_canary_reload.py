@@ -175,7 +175,7 @@ def test_a_three_times_slower_version_is_rolled_back(short_tmp: Path, pin_root: 
 @SERVERS
 def test_a_version_whose_health_check_fails_never_gets_traffic(short_tmp: Path, pin_root: Path,
                                                                 cmd: list[str]) -> None:
-    run, version = start(short_tmp, pin_root, cmd)
+    run, version = start(short_tmp, pin_root, cmd, args=("--ready-timeout", "8"))
     try:
         before = run.wait_both()
         steps = Steps()
@@ -188,7 +188,8 @@ def test_a_version_whose_health_check_fails_never_gets_traffic(short_tmp: Path, 
             load.stop()
         r = load.result
         print(f"\n{cmd[0]}: {r.summary()}\n{steps.text()}\n{failed.value}")
-        assert "not ready" in str(failed.value) and "rolled back" in str(failed.value)
+        assert "not ready within 8 s (no 2xx from its workers' GET /healthz" in str(failed.value)
+        assert "rolled back" in str(failed.value)
         assert steps.at("weight") == []
         assert r.failed == 0, r.failures
         assert {who for _, _, who in answered_by(r, load)} == {"v1"}
