@@ -54,6 +54,7 @@ uvicorn is imported here only; the rest of the package does not need it.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import functools
 import logging
 import multiprocessing
@@ -73,8 +74,9 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
 from .names import ENV_KEEPALIVE_DRAIN, ENV_ROLE, ENV_SCOPE, ENV_SERVICE
-from . import pacing, protocol
+from . import pacing, protocol, recording
 from .client import InstanceClient
+from .outcomes import RECORDER, Outcomes, Reports
 from .errors import ReuseportStandbyError
 from .kernel.layout import WORKERS_PER_INSTANCE, Role
 from .kernel import seccomp
@@ -164,8 +166,14 @@ def run(
         spawn = multiprocessing.get_context("spawn")
         reader, writer = spawn.Pipe(duplex=False)
         leaving = spawn.Event() if cfg.workers > 1 else None  # workers hear "out of the slots" through it
-        cfg.callback_notify = ServingNotice(writer, user_notify, leaving)
-        activation = Activation(client, per_worker=the_scope == "worker")
+        # Instance scope with workers: they report their outcomes to this process, whose heartbeats carry the
+        # sum; worker scope: each worker's own client reports; a single process reports its own.
+        reports = Reports()
+        if cfg.workers > 1:
+            client.outcomes = reports.total if the_scope == "instance" else None
+        cfg.callback_notify = ServingNotice(writer, user_notify, leaving,
+                                            report=cfg.workers > 1 and the_scope == "instance")
+        activation = Activation(client, per_worker=the_scope == "worker", reports=reports)
         relay = threading.Thread(target=_relay, args=(reader, activation), name="reuseport-standby-ready", daemon=True)
         relay.start()
         try:
@@ -181,6 +189,7 @@ def run(
             writer.close()  # the relay sees EOF once no worker holds the other copy
             relay.join(1.0)
             reader.close()
+            client.report()  # what the instance served while draining
         return EXIT_ERROR if activation.failed is not None else status
     finally:
         client.close()
@@ -239,6 +248,8 @@ class StandbyConfig(uvicorn.Config):
 
     def load(self) -> None:
         super().load()
+        # Count what the app answers (recording.py): around what uvicorn serves, after its ASGI 2 / WSGI adapters
+        self.loaded_app = recording.asgi(self.loaded_app)
         self.http_protocol_class = _first_request_grace(
             self.http_protocol_class, keepalive_drain(self.timeout_graceful_shutdown))
 
@@ -355,15 +366,21 @@ class ServingNotice:
     """
 
     def __init__(self, conn: Connection, chained: Callable[[], Awaitable[None]] | None = None,
-                 leaving: Any = None) -> None:
+                 leaving: Any = None, report: bool = False) -> None:
         self.conn = conn
         self.chained = chained
         self.leaving = leaving  # with workers: a multiprocessing Event set when the instance leaves its slots
+        self.report = report  # instance scope with workers: this worker sends its outcomes to the main process
         self.sent = False
 
     async def __call__(self) -> None:
         if not self.sent:
             self.sent = True
+            if self.report:
+                reporter = _Reporter(self.conn)
+                threading.Thread(target=reporter.every, args=(REPORT_INTERVAL,), name="reuseport-standby-outcomes",
+                                 daemon=True).start()
+                atexit.register(reporter.send)  # what it served while draining
             if self.leaving is not None:
                 threading.Thread(target=_watch_leaving, args=(self.leaving, asyncio.get_running_loop()),
                                  name="reuseport-standby-leaving", daemon=True).start()
@@ -375,6 +392,39 @@ class ServingNotice:
                 log.warning("could not tell the main process that worker %d serves: %s", os.getpid(), exc)
         if self.chained is not None:
             await self.chained()
+
+
+#: seconds between a worker's reports of its outcomes to the main process (only when they changed)
+REPORT_INTERVAL = 1.0
+
+
+class _Reporter:
+    """In an instance-scope worker: its cumulative outcomes, on the pipe that says it serves.
+
+    A message of about 2 KB at most, under PIPE_BUF: one atomic write, never interleaved with
+    another worker's.  Sent from a thread of its own, so a main process slow to read never holds
+    up serving."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.last: dict[str, Any] | None = None
+        self.lock = threading.Lock()
+
+    def every(self, interval: float) -> None:
+        while True:
+            time.sleep(interval)
+            self.send()
+
+    def send(self) -> None:
+        with self.lock:
+            wire = RECORDER.snapshot().to_wire()
+            if wire == self.last:
+                return
+            try:
+                self.conn.send(("outcomes", os.getpid(), wire))
+            except (OSError, ValueError):
+                return
+            self.last = wire
 
 
 # In a worker: True once the instance has left its slots (its main process said so), so that
@@ -405,8 +455,9 @@ def _notice_leaving() -> None:
 class Activation:
     """Turns "a server is serving" and "we are stopping" into ready and stop, once each, in that order."""
 
-    def __init__(self, client: InstanceClient, per_worker: bool = False) -> None:
+    def __init__(self, client: InstanceClient, per_worker: bool = False, reports: Reports | None = None) -> None:
         self.client = client
+        self.reports = reports if reports is not None else Reports()  # instance scope: the workers' outcomes
         self.per_worker = per_worker  # worker scope: each worker activates itself; this client never does
         self.active = threading.Event()
         self.failed: BaseException | None = None
@@ -444,12 +495,32 @@ class Activation:
 
 
 def _relay(reader: Connection, activation: Activation) -> None:
+    """The workers' messages: a pid (it serves), or ("outcomes", pid, wire) (what it answered so far)."""
     while True:
         try:
-            pid = reader.recv()
+            msg = reader.recv()
         except (EOFError, OSError):
             return
-        activation.serving(pid)
+        except Exception as exc:  # a message that does not unpickle: dropped, the relay goes on
+            log.debug("a worker's message was dropped: %s", exc)
+            continue
+        if isinstance(msg, int):
+            activation.serving(msg)
+        elif isinstance(msg, tuple) and len(msg) == 3 and msg[0] == "outcomes" and isinstance(msg[1], int):
+            try:
+                activation.reports.update(msg[1], Outcomes.from_wire(msg[2]), _pid_exists)
+            except ValueError as exc:
+                log.debug("a worker's report was dropped: %s", exc)
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 class _DrainingServer(uvicorn.Server):
@@ -598,6 +669,7 @@ def _open_worker_sockets(spec: _WorkerSpec) -> list[socket.socket]:
         listener._rs_client = client
         own.append(listener)
     _worker_client = client
+    atexit.register(client.report)  # what it served while draining, after its stop
     return own
 
 
