@@ -175,3 +175,47 @@ def test_live_supervisor_refuses_bad_reports_one_by_one_and_keeps_counting(contr
     assert entry["requests"]["requests"] == 8 and entry["outcomes"]["4xx"] == 1
     assert sup.proc.poll() is None
     inst.close()
+
+
+def test_metrics_per_instance_role_and_version(broker: Broker) -> None:
+    from prometheus_client.core import CollectorRegistry
+    from prometheus_client.exposition import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from reuseport_standby.metrics import outcome_metrics
+
+    inst = hello(broker, version="2.1")
+    broker.handle(inst, req("ready"), [])
+    broker.handle(inst, req("heartbeat", outcomes={"2xx": 5, "5xx": 2, "latency": [[0, 3], [9, 4]]}), [])
+
+    class Collector:
+        def collect(self):  # type: ignore[no-untyped-def]
+            yield from outcome_metrics("svc", broker.registry)
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collector())  # type: ignore[arg-type]
+    samples = [s for fam in text_string_to_metric_families(generate_latest(registry).decode()) for s in fam.samples]
+    labels = {"service": "svc", "instance": str(inst.id), "pid": str(inst.pid), "role": "primary", "version": "2.1"}
+    counts = {s.labels["kind"]: s.value for s in samples if s.name == "reuseport_standby_requests_total"
+              and {k: s.labels[k] for k in labels} == labels}
+    assert counts["2xx"] == 5 and counts["5xx"] == 2 and counts["exception"] == 0
+    buckets = [(s.labels["le"], s.value) for s in samples if s.name == "reuseport_standby_request_duration_seconds_bucket"]
+    assert buckets[0] == ("0.0001", 3.0) and buckets[-1] == ("+Inf", 7.0)
+    values = [v for _, v in buckets]
+    assert values == sorted(values), "cumulative"
+    assert dict(buckets)["0.0004"] == 3.0 and dict(buckets)["0.0008"] == 7.0  # bucket 9 (476 µs) in the next
+    assert len(buckets) == 21
+
+
+def test_status_text_shows_requests_errors_and_p99(broker: Broker) -> None:
+    from reuseport_standby.status import render
+
+    head = hello(broker, scope="worker", version="gen2")
+    w = hello(broker, parent=head.pid)
+    broker.handle(w, req("ready"), [])
+    broker.handle(w, req("heartbeat", outcomes={"2xx": 95, "exception": 5, "latency": [[20, 100]]}), [])
+    plain = hello(broker)
+    text = render({**status(broker), "supervisor": None})
+    assert "requests 100, errors 5 (5.00%), p99 3.2 ms; version gen2" in text, text
+    assert text.count("requests ") == 1  # an instance that answered nothing and has no version says nothing
+    assert plain.pid and f"pid {plain.pid}" in text
