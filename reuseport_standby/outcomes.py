@@ -14,6 +14,7 @@ one bucket (19 %).
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 from dataclasses import dataclass, field
@@ -137,6 +138,10 @@ def kind_of(status: int) -> str:
     return "5xx"  # a status no client understands is the server's fault
 
 
+#: the buckets' upper bounds but the last's, for ``Recorder.record``: a bisection instead of a logarithm
+_BOUNDS = [upper_bound(i) for i in range(BUCKETS - 1)]
+
+
 class Recorder:
     """One process's counts, shared by its threads.  ``record`` is the only per-request cost."""
 
@@ -146,7 +151,7 @@ class Recorder:
         self._latency = [0] * BUCKETS
 
     def record(self, kind: str, seconds: float) -> None:
-        i = bucket_of(seconds)
+        i = bisect.bisect_left(_BOUNDS, seconds)  # bucket_of(seconds), a third of its cost
         with self._lock:
             self._counts[kind] += 1
             self._latency[i] += 1

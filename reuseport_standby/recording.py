@@ -25,7 +25,7 @@ from __future__ import annotations
 from time import perf_counter
 from typing import Any, Awaitable, Callable, Iterable, Iterator, MutableMapping
 
-from .outcomes import RECORDER, Recorder, kind_of
+from .outcomes import KINDS as _KINDS, RECORDER, Recorder, kind_of
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 Scope = MutableMapping[str, Any]
@@ -45,6 +45,10 @@ def _kind(status: object) -> str:
     return kind_of(code)
 
 
+#: a WSGI status line's first digit -> its class (a "1xx" ... "5xx" line whose next two characters are digits)
+_CLASS_OF_DIGIT = {"1": "1xx", "2": "2xx", "3": "3xx", "4": "4xx", "5": "5xx"}
+
+
 class RecordingWSGI:
     """A WSGI app that counts what ``app`` answered (see the module's doc)."""
 
@@ -56,49 +60,53 @@ class RecordingWSGI:
         self.__wrapped__ = app
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        start = perf_counter()
-        body = _Body(self.recorder, start)
-
-        def recording_start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
-            body.status = status
-            return start_response(status, headers, exc_info) if exc_info is not None else start_response(status, headers)
-
+        body = _Body(self.recorder, start_response)
         try:
-            result = self.app(environ, recording_start_response)
+            body.result = result = self.app(environ, body.start_response)
         except BaseException:
-            self.recorder.record("exception", perf_counter() - start)
+            self.recorder.record("exception", perf_counter() - body.start)
             raise
+        body.inner_close = getattr(result, "close", None)
         wrapper_type = environ.get("wsgi.file_wrapper")
-        if isinstance(wrapper_type, type) and isinstance(result, wrapper_type):
+        if wrapper_type is not None and isinstance(wrapper_type, type) and isinstance(result, wrapper_type):
             # The server sends a file wrapper with sendfile(): hand it back as it is, and count at its close.
-            body.inner_close = getattr(result, "close", None)
             try:
-                result.close = body.close  # type: ignore[method-assign]
+                result.close = body.close  # type: ignore[method-assign, attr-defined]
             except AttributeError:
                 body.close()  # a wrapper that takes no attributes: counted now, without the send
             return result
-        body.result = result
-        body.inner_close = getattr(result, "close", None)
         return body
 
 
 class _Body:
-    """The response iterable as the server sees it; ``close()`` records the request, once."""
+    """One request: its ``start_response``, and the response iterable as the server sees it;
+    ``close()`` records the request, once.  Defaults live on the class: fewer stores per request."""
 
-    __slots__ = ("recorder", "start", "status", "result", "inner_close", "failed", "done")
+    status: str | None = None
+    failed = False
+    done = False
+    inner_close: Callable[[], Any] | None = None
 
-    def __init__(self, recorder: Recorder, start: float) -> None:
+    def __init__(self, recorder: Recorder, start_response: Callable[..., Any]) -> None:
         self.recorder = recorder
-        self.start = start
-        self.status: str | None = None
-        self.result: Any = ()
-        self.inner_close: Callable[[], Any] | None = None
-        self.failed = False
-        self.done = False
+        self.server_start_response = start_response
+        self.start = perf_counter()
+
+    def start_response(self, status: str, headers: Any, exc_info: Any = None) -> Any:
+        self.status = status
+        if exc_info is None:
+            return self.server_start_response(status, headers)
+        return self.server_start_response(status, headers, exc_info)
 
     def __iter__(self) -> Iterator[bytes]:
+        result = self.result
+        if type(result) is list or type(result) is tuple:
+            return iter(result)  # cannot raise while iterated: no generator frame for the common case
+        return self._guarded(result)
+
+    def _guarded(self, result: Iterable[bytes]) -> Iterator[bytes]:
         try:
-            yield from self.result
+            yield from result
         except GeneratorExit:
             raise
         except BaseException:
@@ -115,8 +123,15 @@ class _Body:
         finally:
             if not self.done:
                 self.done = True
-                kind = ("exception" if self.failed else
-                        "no_response" if self.status is None else _kind(self.status))
+                status = self.status
+                if self.failed:
+                    kind = "exception"
+                elif status is None:
+                    kind = "no_response"
+                elif status[:1] in _CLASS_OF_DIGIT and status[1:3].isdigit():
+                    kind = _CLASS_OF_DIGIT[status[:1]]  # the common case, without parsing a number
+                else:
+                    kind = _kind(status)
                 self.recorder.record(kind, perf_counter() - self.start)
 
 
@@ -136,18 +151,23 @@ class RecordingASGI:
         start = perf_counter()
         status: Any = None
 
-        async def recording_send(message: MutableMapping[str, Any]) -> None:
+        def recording_send(message: MutableMapping[str, Any]) -> Awaitable[None]:
+            # A plain function returning the server's own awaitable: no coroutine frame of ours per message.
             nonlocal status
             if status is None and message["type"] == "http.response.start":
                 status = message.get("status", 0)
-            await send(message)
+            return send(message)
 
         try:
             await self.app(scope, receive, recording_send)
         except BaseException:
             self.recorder.record("exception", perf_counter() - start)
             raise
-        self.recorder.record("no_response" if status is None else _kind(status), perf_counter() - start)
+        if type(status) is int and 100 <= status < 600:
+            kind = _KINDS[status // 100 - 1]
+        else:
+            kind = "no_response" if status is None else _kind(status)
+        self.recorder.record(kind, perf_counter() - start)
 
 
 def wsgi(app: WSGIApp, recorder: Recorder = RECORDER) -> WSGIApp:
