@@ -219,3 +219,22 @@ def test_status_text_shows_requests_errors_and_p99(broker: Broker) -> None:
     assert "requests 100, errors 5 (5.00%), p99 3.2 ms; version gen2" in text, text
     assert text.count("requests ") == 1  # an instance that answered nothing and has no version says nothing
     assert plain.pid and f"pid {plain.pid}" in text
+
+
+def test_a_masters_table_of_worker_reports_never_goes_down_and_stays_bounded() -> None:
+    from reuseport_standby.outcomes import Reports
+
+    def o(n: int) -> Outcomes:
+        return Outcomes.from_wire({"2xx": n, "latency": [[0, n]]} if n else {})
+
+    reports = Reports(limit=4)
+    reports.update(100, o(5), lambda pid: True)
+    reports.update(101, o(7), lambda pid: True)
+    reports.update(100, o(9), lambda pid: True)  # cumulative: replaces its own last report
+    assert reports.total().requests == 16
+    reports.update(100, o(2), lambda pid: True)  # lower than before: pid 100 is a new process now
+    assert reports.total().requests == 9 + 7 + 2
+    alive = {100, 101}
+    for pid in range(200, 210):  # ten workers come and go
+        reports.update(pid, o(1), lambda p: p in alive or p == pid)
+    assert len(reports.by_pid) <= 4 + 1 and reports.total().requests == 18 + 10

