@@ -297,7 +297,7 @@ class InstanceClient:
             except (SupervisorUnavailable, ProtocolError, OSError) as exc:
                 log.debug("reuseport-standby: heartbeat failed: %s", exc)
 
-    def report(self, timeout: float = 2.0) -> None:
+    def report(self, timeout: float = 1.0) -> None:
         """Send the outcomes now, also after ``stop()``: what a draining instance served to the end.
 
         Best effort, never raises: a supervisor that is gone misses the last counts."""
