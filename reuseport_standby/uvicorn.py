@@ -416,7 +416,10 @@ class _Reporter:
             self.send()
 
     def send(self) -> None:
-        with self.lock:
+        # Bounded: the last report at exit never waits long on a periodic one stuck on a full pipe.
+        if not self.lock.acquire(timeout=1.0):
+            return
+        try:
             wire = RECORDER.snapshot().to_wire()
             if wire == self.last:
                 return
@@ -425,6 +428,8 @@ class _Reporter:
             except (OSError, ValueError):
                 return
             self.last = wire
+        finally:
+            self.lock.release()
 
 
 # In a worker: True once the instance has left its slots (its main process said so), so that
