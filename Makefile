@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: host venv test test-fast test-compat demo bpf bpf-check bench bench-restarts vm-test clean
+.PHONY: host venv test test-fast test-compat demo bpf bpf-check bench bench-restarts bench-outcomes vm-test clean
 
 host:
 	@bash scripts/setup-host.sh
@@ -47,6 +47,11 @@ bench: host venv
 # More: BENCH_ARGS="--server uvicorn"; bench/restarts.py --help.
 bench-restarts: host venv
 	$(PY) bench/restarts.py $(BENCH_ARGS)
+
+# What counting outcomes costs: CPU per request with and without the recording wrapper (about 4 minutes;
+# writes bench/results/outcomes.json).  No root needed.
+bench-outcomes: venv
+	$(PY) bench/outcomes.py $(BENCH_ARGS)
 
 # The VM checks (scripts/vm/): Debian 12's kernel 6.1 with systemd as PID 1, the
 # kernel tests and the documented systemd deployment under load.  The image is

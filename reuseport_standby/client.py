@@ -16,9 +16,11 @@ import socket
 import threading
 import time
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 from . import protocol
+from .names import ENV_GENERATION, ENV_VERSION
+from .outcomes import RECORDER, Outcomes
 from .errors import ControlSocketDenied, ProtocolError, SupervisorUnavailable
 from .kernel.layout import Role
 from .kernel.sockets import Address
@@ -34,6 +36,22 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def app_version(env: "dict[str, str] | os._Environ[str] | None" = None) -> str | None:
+    """The version an instance announces: $REUSEPORT_STANDBY_VERSION, else "gen<N>" from ``run``'s generation.
+
+    A value the supervisor would refuse (protocol.check_version) is left out, with a warning, rather than
+    keep the instance from registering."""
+    env = os.environ if env is None else env
+    version = env.get(ENV_VERSION) or (f"gen{env[ENV_GENERATION]}" if env.get(ENV_GENERATION) else None)
+    if version is None:
+        return None
+    try:
+        return protocol.check_version(version)
+    except ProtocolError as exc:
+        log.warning("reuseport-standby: %s is not announced: %s", ENV_VERSION, exc)
+        return None
 
 
 def connect(path: str, timeout: float = 0.0) -> socket.socket:
@@ -166,6 +184,10 @@ class InstanceClient:
         self._lock = threading.RLock()
         self._watcher: threading.Thread | None = None
         self._pid = os.getpid()
+        self.version = app_version()
+        #: what the heartbeats report: this process's counts by default; an instance-scope master sets the sum
+        #: of its workers' (``None``: nothing, e.g. a worker-scope master, whose workers report their own)
+        self.outcomes: Callable[[], Outcomes] | None = RECORDER.snapshot
         _live_clients.add(self)
 
     # -- public API -----------------------------------------------------------------
@@ -251,18 +273,42 @@ class InstanceClient:
 
     def _scope_fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {"scope": self.scope} if self.scope != "instance" else {}
+        if self.version is not None:
+            fields["version"] = self.version
         if self.parent is not None:
             fields["parent"] = self.parent
         return fields
+
+    def _heartbeat_message(self) -> dict[str, Any]:
+        msg: dict[str, Any] = {"op": "heartbeat"}
+        if self.outcomes is not None:
+            try:
+                msg["outcomes"] = self.outcomes().to_wire()
+            except Exception as exc:  # a report is never worth a missed heartbeat
+                log.debug("reuseport-standby: no outcomes in this heartbeat: %s", exc)
+        return msg
 
     def _beat(self, conn: socket.socket) -> None:
         with self._lock:
             if self._conn is not conn or self.state not in ("pending", "active"):
                 return
             try:
-                request(conn, {"op": "heartbeat"}, timeout=5)
+                request(conn, self._heartbeat_message(), timeout=5)
             except (SupervisorUnavailable, ProtocolError, OSError) as exc:
                 log.debug("reuseport-standby: heartbeat failed: %s", exc)
+
+    def report(self, timeout: float = 1.0) -> None:
+        """Send the outcomes now, also after ``stop()``: what a draining instance served to the end.
+
+        Best effort, never raises: a supervisor that is gone misses the last counts."""
+        with self._lock:
+            conn = self._conn
+            if conn is None or self.outcomes is None or self.state in ("new", "inherited"):
+                return
+            try:
+                request(conn, self._heartbeat_message(), timeout=timeout)
+            except (SupervisorUnavailable, ProtocolError, OSError) as exc:
+                log.debug("reuseport-standby: final report failed: %s", exc)
 
     def _request(self, msg: dict[str, Any], retry: bool = True, timeout: float = 10.0) -> dict[str, Any]:
         if self._conn is None:

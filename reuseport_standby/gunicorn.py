@@ -41,20 +41,25 @@ from __future__ import annotations
 
 import _thread
 import asyncio
+import fcntl
 import functools
 import inspect
+import json
 import logging
 import os
 import signal
+import struct
 import sys
+import termios
 import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from .names import ENV_CONNECT_TIMEOUT, ENV_CONTROL, ENV_ROLE, ENV_SCOPE, ENV_SERVICE
-from . import health_check, protocol
+from . import health_check, protocol, recording
 from .client import InstanceClient
+from .outcomes import RECORDER, Outcomes, Reports
 from .errors import ReuseportStandbyError
 from .kernel.layout import WORKERS_PER_INSTANCE, Role
 from .kernel import seccomp
@@ -73,6 +78,14 @@ log = logging.getLogger(__name__)
 # 'stop' when it begins to exit.
 WORKER_CONNECT_TIMEOUT = 10.0
 WORKER_STOP_TIMEOUT = 2.0
+
+#: seconds between a worker's reports of its outcomes to the master (instance scope; only when they changed)
+REPORT_INTERVAL = 1.0
+#: workers whose last report the master keeps apart; beyond it, those of exited workers are summed into one
+REPORTS_KEPT = 256
+#: a report line's prefix on the ready pipe ("O <pid> <outcomes json>\n"); a pid alone says "serving"
+_REPORT = b"O "
+_PIPE_BUF = 4096  # what one write to a pipe moves atomically (POSIX: at least 512; Linux: 4096)
 
 WORKER_BOOT_ERROR = 3  # gunicorn.arbiter.Arbiter.WORKER_BOOT_ERROR: the master halts on it
 _HOOK_MARK = "__reuseport_standby_hook__"
@@ -142,6 +155,10 @@ class GunicornInstance:
         self._ready_w = -1
         self.worker_client: InstanceClient | None = None  # worker scope, in a worker: its own
         self._health_task: asyncio.Task[None] | None = None  # an ASGI worker's checks, until healthy
+        # Instance scope, in the master: every worker's last report (cumulative), and those of exited workers
+        # summed, so the instance's total never goes down.  Read by the heartbeat thread.
+        self.reports = Reports(REPORTS_KEPT)
+        client.outcomes = None if self.worker_scope else self.workers_outcomes
 
     @property
     def worker_scope(self) -> bool:
@@ -266,9 +283,43 @@ class GunicornInstance:
             if not chunk:
                 return
             *lines, pending = (pending + chunk).split(b"\n")
+            if len(pending) > _PIPE_BUF:
+                pending = b""  # no line is this long: never buffer without bound
             for line in lines:
                 if line.isdigit():
                     self._worker_serving(int(line))
+                elif line.startswith(_REPORT):
+                    self._worker_report(line[len(_REPORT):])
+
+    def _worker_report(self, line: bytes) -> None:
+        """A worker's cumulative outcomes: "<pid> <json>".  A line that does not parse is dropped."""
+        pid_text, _, wire = line.partition(b" ")
+        try:
+            pid = int(pid_text)
+            outcomes = Outcomes.from_wire(json.loads(wire))
+        except ValueError as exc:
+            log.debug("reuseport-standby: a worker's report was dropped: %s", exc)
+            return
+        self.reports.update(pid, outcomes, lambda p: p in (getattr(self._server, "WORKERS", None) or {}))
+
+    def workers_outcomes(self) -> Outcomes:
+        """What this instance's workers answered, the exited ones included (the master's heartbeats carry it)."""
+        return self.reports.total()
+
+    def flush_reports(self, wait: float = 0.5) -> None:
+        """In the master, workers gone: take the reports still in the pipe, and send the sum a last time."""
+        deadline = time.monotonic() + wait
+        buf = bytearray(4)
+        while self._ready_r >= 0 and time.monotonic() < deadline:
+            try:
+                fcntl.ioctl(self._ready_r, termios.FIONREAD, buf)
+            except OSError:
+                break
+            if struct.unpack("i", buf)[0] == 0:
+                time.sleep(0.02)  # the reader may still be on its last line
+                break
+            time.sleep(0.01)
+        self.client.report()
 
     def _worker_serving(self, pid: int) -> None:
         if self.client.state != "pending":
@@ -298,6 +349,8 @@ class GunicornInstance:
             self.client.stop()
 
     def close(self) -> None:
+        if not self.worker_scope:
+            self.flush_reports()
         self.client.close()
 
     # -- workers ----------------------------------------------------------------------
@@ -342,7 +395,14 @@ class GunicornInstance:
                 run()
             finally:
                 self.release(worker)
+                if own is not None:
+                    own.report()  # what it served while draining
+                else:
+                    self._report_to_master()
 
+        if own is None:
+            threading.Thread(target=self._report_every, args=(REPORT_INTERVAL,), name="reuseport-standby-outcomes",
+                             daemon=True).start()
         worker.notify = first_heartbeat
         worker.run = run_then_release  # gunicorn calls self.run() right after post_worker_init
         if own is not None:
@@ -363,7 +423,8 @@ class GunicornInstance:
         script_name = os.environ.get("SCRIPT_NAME", "")
         while worker.alive:
             heartbeat()
-            if watch.record(health_check.check_wsgi(worker.wsgi, target, host, port, script_name)):
+            if watch.record(health_check.check_wsgi(recording.unwrapped(worker.wsgi), target, host, port,
+                                                    script_name)):
                 return
             time.sleep(health_check.RETRY_INTERVAL)
 
@@ -384,6 +445,24 @@ class GunicornInstance:
                 report()
                 return
             await asyncio.sleep(health_check.RETRY_INTERVAL)
+    def _report_every(self, interval: float) -> None:
+        """A worker's thread (instance scope): its cumulative outcomes to the master, when they changed."""
+        while True:
+            time.sleep(interval)
+            self._report_to_master()
+
+    _last_report: bytes = b""
+
+    def _report_to_master(self) -> None:
+        line = b"%s%d %s\n" % (_REPORT, os.getpid(),
+                               json.dumps(RECORDER.snapshot().to_wire(), separators=(",", ":")).encode())
+        if line == self._last_report or len(line) > _PIPE_BUF:
+            return  # unchanged; or too long to be written atomically (cannot happen: at most ~2 KB)
+        try:
+            os.write(self._ready_w, line)  # non-blocking: a full pipe drops this report, the next one catches up
+        except OSError:
+            return
+        self._last_report = line
 
     @staticmethod
     def release(worker: "Worker") -> None:
@@ -609,7 +688,28 @@ def post_worker_init(worker: "Worker") -> None:
         sys.exit(WORKER_BOOT_ERROR)
     _standby_uvicorn(worker)
     _pace_asgi(worker)
+    _record(worker)
     _current.watch(worker)
+
+
+def _record(worker: "Worker") -> None:
+    """Count what the worker's app answers (reuseport_standby/recording.py), by what serves it.
+
+    sync, gthread, gevent and eventlet call ``worker.wsgi``; gunicorn's ``-k asgi`` serves
+    ``worker.asgi`` (read per connection and by its lifespan, after this hook); a uvicorn worker
+    serves through its config, whose ``StandbyConfig.load()`` wraps the app uvicorn loaded (after
+    its ASGI 2/WSGI adapters).  tornado's worker may serve a tornado app: left alone.
+    """
+    cls = type(worker)
+    if _is_uvicorn_worker_class(cls):
+        return
+    if _is_asgi_worker_class(cls):
+        worker.asgi = recording.asgi(worker.asgi)  # type: ignore[attr-defined]
+        return
+    gtornado = sys.modules.get("gunicorn.workers.gtornado")
+    if gtornado is not None and issubclass(cls, gtornado.TornadoWorker):
+        return
+    worker.wsgi = recording.wsgi(worker.wsgi)
 
 
 def _is_uvicorn_worker_class(cls: type) -> bool:
@@ -638,9 +738,10 @@ def _is_asgi_worker_class(cls: type) -> bool:
 def _asgi_target(worker: "Worker") -> tuple[Any, dict[str, Any] | None, str]:
     """(app, lifespan state, root_path) of an ASGI worker, as its server passes them to a request."""
     if _is_asgi_worker_class(type(worker)):  # gunicorn's -k asgi: worker.state is its lifespan state
-        return worker.asgi, getattr(worker, "state", None), getattr(worker.cfg, "root_path", "") or ""
+        return (recording.unwrapped(worker.asgi), getattr(worker, "state", None),
+                getattr(worker.cfg, "root_path", "") or "")
     config = worker.config  # a uvicorn worker, adopted: StandbyConfig.load() recorded the lifespan state
-    return config.loaded_app, getattr(config, "rs_app_state", None), config.root_path
+    return recording.unwrapped(config.loaded_app), getattr(config, "rs_app_state", None), config.root_path
 
 
 def _pace_asgi(worker: "Worker") -> None:

@@ -4,15 +4,21 @@ the supervisor's instance table, sock_diag and the kernel's TcpExt counters."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 from .errors import ReuseportStandbyError
 from .kernel.sockets import Address
+from .outcomes import BUCKETS, KINDS, PER_DOUBLING, Outcomes, upper_bound
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
+    from .supervisor.registry import Instance
 
 log = logging.getLogger(__name__)
+
+#: the latency histogram's buckets for Prometheus: one per doubling of the shared bounds (100 µs ... 52 s),
+#: indices into outcomes' buckets; a series of 20 buckets instead of 79
+PROMETHEUS_BUCKETS = tuple(range(0, BUCKETS - 1, PER_DOUBLING))
 
 COUNTER_KINDS = {  # BPF counter -> (kind, role)
     "selected_primary": ("selected", "primary"),
@@ -78,6 +84,7 @@ class SupervisorCollector:
                 queue.add_metric([sup.service, str(address), f"{inst.role.value}:{inst.pid}"], q.queued if q else 0)
         for (role, state), n in counts.items():
             instances.add_metric([sup.service, role, state], n)
+        requests, latency = outcome_metrics(sup.service, sup.instances)
         demotions = CounterMetricFamily("reuseport_standby_demotions", "Instances demoted for hanging", labels=["service"])
         demotions.add_metric([sup.service], sup.broker.demotions_total)
         restorations = CounterMetricFamily(
@@ -97,7 +104,37 @@ class SupervisorCollector:
                                      labels=["counter"])
         for k, v in tcpext().items():
             kernel.add_metric([k], v)
-        yield from (conns, weight, queue, instances, demotions, restorations, bypassed, swapped, kernel)
+        yield from (conns, weight, queue, instances, requests, latency, demotions, restorations, bypassed, swapped,
+                    kernel)
+
+
+def outcome_metrics(service: str, instances: "Iterable[Instance]") -> tuple[object, object]:
+    """What every registered instance and worker answered (its cumulative outcomes), per role and version:
+    a counter by kind, and the latency histogram (cumulative buckets, no _sum: the workers keep none)."""
+    from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
+    labels = ["service", "instance", "pid", "role", "version"]
+    requests = CounterMetricFamily("reuseport_standby_requests", "Requests the app answered, by kind "
+                                   "(status class, exception, no_response)", labels=[*labels, "kind"])
+    latency = HistogramMetricFamily("reuseport_standby_request_duration_seconds",
+                                    "Time from the app's call to the end of its response", labels=labels)
+    for inst in instances:
+        if inst.role is None:
+            continue
+        o: Outcomes = inst.outcomes
+        values = [service, str(inst.id), str(inst.pid), inst.role.value, inst.version or ""]
+        for kind in KINDS:
+            requests.add_metric([*values, kind], o.counts[kind])
+        buckets: list[tuple[str, float]] = []
+        seen = 0
+        upto = 0
+        for i in PROMETHEUS_BUCKETS:
+            seen += sum(o.latency[upto:i + 1])
+            upto = i + 1
+            buckets.append((f"{upper_bound(i):.6g}", seen))
+        buckets.append(("+Inf", sum(o.latency)))
+        latency.add_metric(values, buckets, None)
+    return requests, latency
 
 
 def _cookie(sock: object) -> int:

@@ -12,7 +12,7 @@ import enum
 from .kernel.layout import Role
 
 __all__ = ["Role", "State", "Scope", "ENV_ROLE", "ENV_SERVICE", "ENV_CONTROL", "ENV_SCOPE",
-           "ENV_CONNECT_TIMEOUT", "ENV_GENERATION", "ENV_SECCOMP", "ENV_USER", "ENV_GROUP",
+           "ENV_CONNECT_TIMEOUT", "ENV_GENERATION", "ENV_VERSION", "ENV_SECCOMP", "ENV_USER", "ENV_GROUP",
            "ENV_ACCEPT_AHEAD", "ENV_KEEPALIVE_DRAIN", "ENV_HEALTH_PATH", "ENV_LOG_LEVEL", "ENV_LOG_FORMAT"]
 
 #: the role an instance serves (primary / standby)
@@ -29,6 +29,8 @@ ENV_CONNECT_TIMEOUT = "REUSEPORT_STANDBY_CONNECT_TIMEOUT"
 ENV_GENERATION = "REUSEPORT_STANDBY_GENERATION"
 #: a path each worker GETs in process, wanting a 2xx, before its instance is activated (``run --health-path``)
 ENV_HEALTH_PATH = "REUSEPORT_STANDBY_HEALTH_PATH"
+#: the app's version, as instances announce it (status, metrics; default: "gen<N>" from the generation)
+ENV_VERSION = "REUSEPORT_STANDBY_VERSION"
 #: "off": the integrations install no seccomp filter against steering the port (kernel/seccomp.py)
 ENV_SECCOMP = "REUSEPORT_STANDBY_SECCOMP"
 #: ``run --user``: the user the instances run as (``run`` itself starts as root, for the supervisor)

@@ -14,10 +14,11 @@ one bucket (19 %).
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 #: the status classes, in wire order; "exception": the app raised; "no_response": it ended without one
 KINDS = ("1xx", "2xx", "3xx", "4xx", "5xx", "exception", "no_response")
@@ -137,6 +138,10 @@ def kind_of(status: int) -> str:
     return "5xx"  # a status no client understands is the server's fault
 
 
+#: the buckets' upper bounds but the last's, for ``Recorder.record``: a bisection instead of a logarithm
+_BOUNDS = [upper_bound(i) for i in range(BUCKETS - 1)]
+
+
 class Recorder:
     """One process's counts, shared by its threads.  ``record`` is the only per-request cost."""
 
@@ -146,7 +151,7 @@ class Recorder:
         self._latency = [0] * BUCKETS
 
     def record(self, kind: str, seconds: float) -> None:
-        i = bucket_of(seconds)
+        i = bisect.bisect_left(_BOUNDS, seconds)  # bucket_of(seconds), a third of its cost
         with self._lock:
             self._counts[kind] += 1
             self._latency[i] += 1
@@ -158,3 +163,41 @@ class Recorder:
 
 #: this process's recorder (workers count into it; its heartbeats, or its master's, report it)
 RECORDER = Recorder()
+
+
+def _went_back(new: Outcomes, old: Outcomes) -> bool:
+    return any(new.counts[k] < old.counts[k] for k in KINDS) or any(a < b for a, b in zip(new.latency, old.latency))
+
+
+class Reports:
+    """A master's table of its workers' cumulative reports, keyed by pid: their sum never goes down.
+
+    A worker that exits keeps its last report in the sum.  A report lower
+    than the last one of its pid is a new process with a reused pid: the
+    old one's counts are kept apart (``retired``).  Past ``limit`` entries,
+    those of pids ``alive`` says are gone are folded into ``retired``, so
+    the table stays bounded however many workers come and go.
+    """
+
+    def __init__(self, limit: int = 256) -> None:
+        self.limit = limit
+        self.by_pid: dict[int, Outcomes] = {}
+        self.retired = Outcomes()
+        self._lock = threading.Lock()
+
+    def update(self, pid: int, outcomes: Outcomes, alive: Callable[[int], bool]) -> None:
+        with self._lock:
+            old = self.by_pid.get(pid)
+            if old is not None and _went_back(outcomes, old):
+                self.retired = self.retired + old
+            self.by_pid[pid] = outcomes
+            if len(self.by_pid) > self.limit:
+                for gone in [p for p in self.by_pid if p != pid and not alive(p)]:
+                    self.retired = self.retired + self.by_pid.pop(gone)
+
+    def total(self) -> Outcomes:
+        with self._lock:
+            total = self.retired
+            for o in self.by_pid.values():
+                total = total + o
+            return total

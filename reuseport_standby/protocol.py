@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .names import ENV_CONTROL, Scope
+from .outcomes import Outcomes
 from .errors import ProtocolError, ReuseportStandbyError
 from .kernel.layout import Role
 
@@ -42,6 +43,9 @@ SERVICE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 NAME_MAX = 128
 NAME_CHARS = "ASCII letters, digits, spaces and . _ : @ + - / ( ) < > [ ]"
 NAME_RE = re.compile(r"[A-Za-z0-9 ._:@+/()<>\[\]-]*")
+#: an instance's version (``hello``, ``readopt``): a label in ``status`` and in the metrics, so printable ASCII
+VERSION_MAX = 64
+VERSION_RE = re.compile(r"[\x21-\x7e]{1,64}")
 
 OPS = ("hello", "ready", "stop", "readopt", "status", "ping", "heartbeat", "weight", "promote", "drain", "undrain")
 #: socket scopes: one set of listeners per instance, or one per worker process
@@ -70,6 +74,16 @@ def check_name(name: object) -> str:
     return name
 
 
+def check_version(version: object) -> str | None:
+    """An instance's version label (absent: None); else ProtocolError "malformed"."""
+    if version is None:
+        return None
+    if not isinstance(version, str) or not VERSION_RE.fullmatch(version):
+        raise ProtocolError("malformed", f"'version' must be 1 to {VERSION_MAX} printable ASCII characters without "
+                            f"spaces, got {'a string of ' + str(len(version)) + ' characters' if isinstance(version, str) else type(version).__name__}")
+    return version
+
+
 def control_path(service: str, override: str | None = None) -> str:
     """Where the supervisor of ``service`` listens: --control, $REUSEPORT_STANDBY_CONTROL, or the default."""
     if override:
@@ -94,6 +108,10 @@ class Request:
     parent: int | None = None
     #: "worker" for an instance whose workers register on their own (its own sockets are never activated)
     scope: str = "instance"
+    #: ``hello``/``readopt``: the app's version, a label for ``status`` and the metrics
+    version: str | None = None
+    #: ``heartbeat``: the cumulative counts of what the instance's app answered (outcomes.py)
+    outcomes: Outcomes | None = None
     fields: dict[str, Any] = field(default_factory=dict)
 
 
@@ -143,6 +161,13 @@ def parse_request(raw: bytes, nfds: int = 0) -> Request:
         weight = msg.get("standby")
         if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 100:
             raise ProtocolError("bad_weight", f"'standby' must be a whole percentage from 0 to 100, got {weight!r}")
+    version = check_version(msg.get("version")) if op in ("hello", "readopt") else None
+    outcomes = None
+    if op == "heartbeat" and msg.get("outcomes") is not None:
+        try:
+            outcomes = Outcomes.from_wire(msg["outcomes"])
+        except ValueError as exc:
+            raise ProtocolError("malformed", str(exc)) from None
     expects_fds = op == "readopt"
     if nfds and not expects_fds:
         raise ProtocolError("unexpected_fds", f"'{op}' carries no file descriptors, got {nfds}")
@@ -150,7 +175,7 @@ def parse_request(raw: bytes, nfds: int = 0) -> Request:
         raise ProtocolError("missing_fds", "'readopt' must carry the instance's listening sockets")
     return Request(op=op, role=role, pid=pid, active=active, name=name, nfds=nfds,
                    heartbeat=float(heartbeat) if heartbeat is not None else None, standby_weight=weight,
-                   parent=parent, scope=scope, fields=msg)
+                   parent=parent, scope=scope, version=version, outcomes=outcomes, fields=msg)
 
 
 def _dump(msg: dict[str, Any]) -> bytes:

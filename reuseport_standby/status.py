@@ -123,9 +123,11 @@ def _lines(st: dict[str, Any]) -> list[str]:
                          + (f" [{inst['name']}]" if inst.get("name") else ""))
             for w in mine:
                 lines.append("    worker " + _instance_line(w, with_role=False))
+            lines.extend(_requests_line([inst, *mine]))
         else:
             lines.append("  instance " + _instance_line(inst)
                          + (f" (worker of pid {inst['parent']})" if inst.get("parent") else ""))
+            lines.extend(_requests_line([inst]))
     for a in st["addresses"]:
         park = a["parking"]
         lines.append(f"  {a['address']}  mode {a['mode']}  prog {a['prog_id']}  standby weight {a['standby_weight']}%"
@@ -152,6 +154,28 @@ def _instance_line(inst: dict[str, Any], with_role: bool = True) -> str:
     return (f"{inst['id']}: {role}pid {inst['pid']} {inst['state']} ({slots}; {queues})"
             + (f" [{inst['name']}]" if inst.get("name") else "")
             + (f" demoted: {inst['demoted_for']}" if inst.get("demoted_for") else ""))
+
+
+def _requests_line(entries: list[dict[str, Any]]) -> list[str]:
+    """One line of what an instance (its entry and its workers') answered: requests, error rate, p99, version.
+    Nothing for a status document without outcomes (an older supervisor), or a malformed one."""
+    from .outcomes import Outcomes
+
+    total = Outcomes()
+    try:
+        for e in entries:
+            if "outcomes" in e:
+                total = total + Outcomes.from_wire(e["outcomes"])
+    except ValueError:
+        return []
+    version = entries[0].get("version")
+    if not total.requests and not version:
+        return []
+    rate, p99 = total.error_rate(), total.quantile(0.99)
+    text = f"requests {total.requests}"
+    if total.requests:
+        text += f", errors {total.errors} ({rate:.2%}), p99 {p99 * 1000:.3g} ms" if rate is not None and p99 else ""
+    return [f"    {text}" + (f"; version {version}" if version else "")]
 
 
 def dumps(st: dict[str, Any]) -> str:

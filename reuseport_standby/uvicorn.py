@@ -57,6 +57,7 @@ uvicorn is imported here only; the rest of the package does not need it.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import functools
 import logging
 import multiprocessing
@@ -76,8 +77,9 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
 from .names import ENV_KEEPALIVE_DRAIN, ENV_ROLE, ENV_SCOPE, ENV_SERVICE
-from . import health_check, pacing, protocol
+from . import health_check, pacing, protocol, recording
 from .client import InstanceClient
+from .outcomes import RECORDER, Outcomes, Reports
 from .errors import ReuseportStandbyError
 from .kernel.layout import WORKERS_PER_INSTANCE, Role
 from .kernel import seccomp
@@ -169,9 +171,15 @@ def run(
         reader, writer = spawn.Pipe(duplex=False)
         leaving = spawn.Event() if cfg.workers > 1 else None  # workers hear "out of the slots" through it
         address = client.addresses[0]
+        # Instance scope with workers: they report their outcomes to this process, whose heartbeats carry the
+        # sum; worker scope: each worker's own client reports; a single process reports its own.
+        reports = Reports()
+        if cfg.workers > 1:
+            client.outcomes = reports.total if the_scope == "instance" else None
         cfg.callback_notify = ServingNotice(writer, user_notify, leaving,
-                                            None if health is None else (health, address.host, address.port))
-        activation = Activation(client, per_worker=the_scope == "worker")
+                                            None if health is None else (health, address.host, address.port),
+                                            report=cfg.workers > 1 and the_scope == "instance")
+        activation = Activation(client, per_worker=the_scope == "worker", reports=reports)
         relay = threading.Thread(target=_relay, args=(reader, activation), name="reuseport-standby-ready", daemon=True)
         relay.start()
         try:
@@ -187,6 +195,7 @@ def run(
             writer.close()  # the relay sees EOF once no worker holds the other copy
             relay.join(1.0)
             reader.close()
+            client.report()  # what the instance served while draining
         return EXIT_ERROR if activation.failed is not None else status
     finally:
         client.close()
@@ -246,6 +255,8 @@ class StandbyConfig(uvicorn.Config):
     def load(self) -> None:
         global _loaded_config
         super().load()
+        # Count what the app answers (recording.py): around what uvicorn serves, after its ASGI 2 / WSGI adapters
+        self.loaded_app = recording.asgi(self.loaded_app)
         self.http_protocol_class = _first_request_grace(
             self.http_protocol_class, keepalive_drain(self.timeout_graceful_shutdown))
         lifespan_class = self.lifespan_class
@@ -383,11 +394,13 @@ class ServingNotice:
     """
 
     def __init__(self, conn: Connection, chained: Callable[[], Awaitable[None]] | None = None,
-                 leaving: Any = None, health: tuple[health_check.HealthPath, str, int] | None = None) -> None:
+                 leaving: Any = None, health: tuple[health_check.HealthPath, str, int] | None = None,
+                 report: bool = False) -> None:
         self.conn = conn
         self.chained = chained
         self.leaving = leaving  # with workers: a multiprocessing Event set when the instance leaves its slots
         self.health = health
+        self.report = report  # instance scope with workers: this worker sends its outcomes to the main process
         self.sent = False
         self._checks: asyncio.Task[None] | None = None
 
@@ -397,6 +410,11 @@ class ServingNotice:
     async def __call__(self) -> None:
         if not self.sent:
             self.sent = True
+            if self.report:
+                reporter = _Reporter(self.conn)
+                threading.Thread(target=reporter.every, args=(REPORT_INTERVAL,), name="reuseport-standby-outcomes",
+                                 daemon=True).start()
+                atexit.register(reporter.send)  # what it served while draining
             if self.leaving is not None:
                 threading.Thread(target=_watch_leaving, args=(self.leaving, asyncio.get_running_loop()),
                                  name="reuseport-standby-leaving", daemon=True).start()
@@ -423,12 +441,50 @@ class ServingNotice:
             return
         watch = health_check.Watch(target, f"uvicorn process [{os.getpid()}]", log)
         while True:
-            verdict = await health_check.check_asgi(config.loaded_app, target, host, port, config.rs_app_state,
-                                                    config.root_path)
+            verdict = await health_check.check_asgi(recording.unwrapped(config.loaded_app), target, host, port,
+                                                    config.rs_app_state, config.root_path)
             if watch.record(verdict):
                 break
             await asyncio.sleep(health_check.RETRY_INTERVAL)
         await self._serving()
+
+
+#: seconds between a worker's reports of its outcomes to the main process (only when they changed)
+REPORT_INTERVAL = 1.0
+
+
+class _Reporter:
+    """In an instance-scope worker: its cumulative outcomes, on the pipe that says it serves.
+
+    A message of about 2 KB at most, under PIPE_BUF: one atomic write, never interleaved with
+    another worker's.  Sent from a thread of its own, so a main process slow to read never holds
+    up serving."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.last: dict[str, Any] | None = None
+        self.lock = threading.Lock()
+
+    def every(self, interval: float) -> None:
+        while True:
+            time.sleep(interval)
+            self.send()
+
+    def send(self) -> None:
+        # Bounded: the last report at exit never waits long on a periodic one stuck on a full pipe.
+        if not self.lock.acquire(timeout=1.0):
+            return
+        try:
+            wire = RECORDER.snapshot().to_wire()
+            if wire == self.last:
+                return
+            try:
+                self.conn.send(("outcomes", os.getpid(), wire))
+            except (OSError, ValueError):
+                return
+            self.last = wire
+        finally:
+            self.lock.release()
 
 
 # In a worker: True once the instance has left its slots (its main process said so), so that
@@ -459,8 +515,9 @@ def _notice_leaving() -> None:
 class Activation:
     """Turns "a server is serving" and "we are stopping" into ready and stop, once each, in that order."""
 
-    def __init__(self, client: InstanceClient, per_worker: bool = False) -> None:
+    def __init__(self, client: InstanceClient, per_worker: bool = False, reports: Reports | None = None) -> None:
         self.client = client
+        self.reports = reports if reports is not None else Reports()  # instance scope: the workers' outcomes
         self.per_worker = per_worker  # worker scope: each worker activates itself; this client never does
         self.active = threading.Event()
         self.failed: BaseException | None = None
@@ -498,12 +555,32 @@ class Activation:
 
 
 def _relay(reader: Connection, activation: Activation) -> None:
+    """The workers' messages: a pid (it serves), or ("outcomes", pid, wire) (what it answered so far)."""
     while True:
         try:
-            pid = reader.recv()
+            msg = reader.recv()
         except (EOFError, OSError):
             return
-        activation.serving(pid)
+        except Exception as exc:  # a message that does not unpickle: dropped, the relay goes on
+            log.debug("a worker's message was dropped: %s", exc)
+            continue
+        if isinstance(msg, int):
+            activation.serving(msg)
+        elif isinstance(msg, tuple) and len(msg) == 3 and msg[0] == "outcomes" and isinstance(msg[1], int):
+            try:
+                activation.reports.update(msg[1], Outcomes.from_wire(msg[2]), _pid_exists)
+            except ValueError as exc:
+                log.debug("a worker's report was dropped: %s", exc)
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 class _DrainingServer(uvicorn.Server):
@@ -652,6 +729,7 @@ def _open_worker_sockets(spec: _WorkerSpec) -> list[socket.socket]:
         listener._rs_client = client
         own.append(listener)
     _worker_client = client
+    atexit.register(client.report)  # what it served while draining, after its stop
     return own
 
 

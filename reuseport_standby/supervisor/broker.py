@@ -232,6 +232,8 @@ class Broker:
             return {"ok": True}, []
         if req.op == "heartbeat":
             inst.last_heartbeat = time.monotonic()
+            if req.outcomes is not None and inst.role is not None:
+                inst.reported = req.outcomes
             return {"ok": True, "state": inst.state.value}, []
         if req.op == "status":
             from .view import status
@@ -260,7 +262,7 @@ class Broker:
         self.check_room(role)
         parent_checked = req.parent is None or may_be_child(inst.pid, req.parent)
         self.registry.check_quota(inst, role, req.parent, parent_checked)
-        inst.role, inst.name, inst.heartbeat = role, req.name, req.heartbeat
+        inst.role, inst.name, inst.heartbeat, inst.version = role, req.name, req.heartbeat, req.version
         inst.scope, inst.parent, inst.parent_checked = Scope(req.scope), req.parent, parent_checked
         if req.pid != inst.pid:
             log.debug("instance %d says pid %d; the kernel says %d", inst.id, req.pid, inst.pid)
@@ -395,7 +397,7 @@ class Broker:
             # by the stateful test).  Sockets the kernel kept in their slots are re-adopted whatever the
             # count: refusing them would leave slots no supervisor knows of.
             self.registry.check_quota(inst, role, req.parent, parent_checked)
-        inst.role, inst.name, inst.heartbeat = role, req.name, req.heartbeat
+        inst.role, inst.name, inst.heartbeat, inst.version = role, req.name, req.heartbeat, req.version
         inst.scope, inst.parent, inst.parent_checked = Scope(req.scope), req.parent, parent_checked
         for address, cookie in zip(self.addresses, cookies):
             inst.cookies[address] = cookie

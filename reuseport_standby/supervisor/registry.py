@@ -21,6 +21,7 @@ from ..errors import ProtocolError, see_doc
 from ..kernel.layout import WORKERS_PER_INSTANCE
 from ..kernel.sockets import Address
 from ..names import Role, Scope, State
+from ..outcomes import Outcomes
 
 #: instances of one role one uid (root excepted) may hold: the two that overlap in a rolling restart
 INSTANCES_PER_ROLE_PER_UID = 2
@@ -77,6 +78,16 @@ class Instance:
     #: from SO_PEERPIDFD when first needed (handover.instance_pidfd); the only way the supervisor signals the
     #: peer or borrows its fds, so a pid recycled after it exited is never hit.  Closed by ``forget``
     pidfd: int | None = None
+    version: str | None = None           # the app's version, as hello/readopt said
+    #: what the process's app answered, cumulative, as its last heartbeat said
+    reported: Outcomes = field(default_factory=Outcomes)
+    #: a worker-scope instance: the counts of its workers that left (so the instance's sum never goes down)
+    inherited: Outcomes = field(default_factory=Outcomes)
+
+    @property
+    def outcomes(self) -> Outcomes:
+        """This entry's cumulative counts: its own reports and those its departed workers left it."""
+        return self.reported + self.inherited
 
     def describe(self) -> str:
         what = "worker of pid %d, " % self.parent if self.parent is not None else ""
@@ -112,6 +123,9 @@ class Registry:
         """Drop ``inst`` and close its pidfd; False if it was already gone."""
         if self._by_id.pop(inst.id, None) is None:
             return False
+        head = self.head_of(inst) if inst.parent_checked else None
+        if head is not None and head is not inst:
+            head.inherited = head.inherited + inst.outcomes  # the instance's sum keeps what this worker served
         if inst.pidfd is not None:
             fd, inst.pidfd = inst.pidfd, None
             try:

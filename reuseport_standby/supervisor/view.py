@@ -36,7 +36,8 @@ def status(broker: "Broker") -> dict[str, Any]:
              "slots": {str(a): s for a, s in i.slots.items()},
              "queues": {str(a): queue_dict(queues.get(c)) for a, c in i.cookies.items()},
              "heartbeat_age_s": round(now - i.last_heartbeat, 2) if i.heartbeat else None,
-             "demotions": i.demotions, "demoted_for": i.demoted_for or None}
+             "demotions": i.demotions, "demoted_for": i.demoted_for or None,
+             "version": i.version, "outcomes": (o := i.outcomes).to_wire(), "requests": o.summary()}
             for i in broker.registry.registered()
         ],
     }
