@@ -22,9 +22,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+
+from reuseport_standby.canary import instance_outcomes
 from conftest import free_port
 from helpers.procs import REPO, SupervisorProc, wait_for
-from helpers.servers import APPS, BIN, InstanceProc, gunicorn_cmd, uvicorn_instance
+from helpers.servers import APPS, BIN, InstanceProc, gunicorn_cmd
 
 from reuseport_standby import client, health_check
 from reuseport_standby.errors import ProtocolError, SupervisorUnavailable
@@ -238,6 +240,11 @@ def held_back_then_admitted(sup: SupervisorProc, primary: InstanceProc, flag: Pa
         wait_for(lambda: workers_active(sup, primary) == workers, 10, 0.1, what="every worker active")
     after = answered_by(port, 20)
     assert after == Counter(primary=20), after
+    # the probes are not requests: its outcomes count the 20, none of the 503s its checks got
+    assert primary.proc is not None
+    counted = wait_for(lambda: (o := instance_outcomes(sup.status(), primary.proc.pid)).requests >= 20 and o, 10, 0.2,
+                       what="the primary's 20 requests in its outcomes")
+    assert counted.requests == 20 and counted.errors == 0, counted.summary()
     print(f"\nactive {admitted:.2f} s after the flag file appeared; before it: {dict(seen)}")
 
 
