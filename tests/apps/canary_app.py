@@ -13,6 +13,8 @@ import os
 import time
 
 VERSION, MODE = open(os.environ["RS_TEST_VERSION_FILE"]).read().split()
+with open(os.environ["RS_TEST_VERSION_FILE"] + ".imports", "a") as _log:  # the test waits for every worker's
+    _log.write(f"{VERSION} {os.getpid()}\n")
 BASE = float(os.environ.get("RS_TEST_BASE_MS", "10")) / 1000
 WORK = BASE * (3 if MODE == "slow" else 1)
 _seq = itertools.count()
