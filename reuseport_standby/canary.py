@@ -131,10 +131,13 @@ def figures(summary: dict[str, Any]) -> str:
 
 
 def instance_outcomes(status: dict[str, Any], pid: int) -> Outcomes:
-    """An instance's cumulative outcomes from the supervisor's ``status``: its entry and its workers'."""
+    """An instance's cumulative outcomes from the supervisor's ``status``: its entry and its workers'.
+
+    Only workers the kernel showed to be children of ``pid`` count (``parent_checked``): any peer may
+    name a parent, and one that is not could otherwise add 500s to a canary and steer its verdict."""
     total = Outcomes()
     for inst in status.get("instances", []):
-        if inst.get("pid") == pid or inst.get("parent") == pid:
+        if inst.get("pid") == pid or (inst.get("parent") == pid and inst.get("parent_checked", False)):
             wire = inst.get("outcomes")
             if wire:
                 total = total + Outcomes.from_wire(wire)

@@ -103,8 +103,10 @@ def test_a_plan_travels_and_defaults_its_step_limit() -> None:
 
 def test_an_instance_sums_its_entry_and_its_workers() -> None:
     st = {"instances": [{"pid": 10, "outcomes": window(5).to_wire()},
-                        {"pid": 11, "parent": 10, "outcomes": window(7, errors=1).to_wire()},
-                        {"pid": 20, "outcomes": window(100).to_wire()}, {"pid": 12, "parent": 10}]}
+                        {"pid": 11, "parent": 10, "parent_checked": True, "outcomes": window(7, errors=1).to_wire()},
+                        {"pid": 20, "outcomes": window(100).to_wire()}, {"pid": 12, "parent": 10, "parent_checked": True},
+                        # a peer that names 10 as its parent but is no child of it: its 500s must not count
+                        {"pid": 13, "parent": 10, "parent_checked": False, "outcomes": window(0, errors=50).to_wire()}]}
     got = instance_outcomes(st, 10)
     assert got.requests == 13 and got.errors == 1
 

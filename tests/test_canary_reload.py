@@ -8,6 +8,7 @@ whose clients see the bad version's errors for as long as it serves.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 
 from helpers.procs import wait_for
 from helpers.runs import Run
+from reuseport_standby.errors import ReuseportStandbyError
 from reuseport_standby.loadgen import Load, LoadResult
 from reuseport_standby.run_client import CanaryFailed, request_reload
 
@@ -205,4 +207,59 @@ def test_a_version_whose_health_check_fails_never_gets_traffic(short_tmp: Path, 
         v2 = [(round(t - load._start, 2), kind) for t, kind, who in answered_by(r, load) if who != "v1"]
         assert not v2, f"answered by the new version: {v2[:20]}\n{run.log()[-6000:]}"
     finally:
+        run.stop_and_check_nothing_left()
+
+
+def test_a_peer_posing_as_a_worker_of_the_canary_cannot_fail_it(short_tmp: Path, pin_root: Path) -> None:
+    """Any member of the control socket's group may say hello with ``parent`` = the new version's pid and
+    heartbeat 500s.  Only workers the kernel shows to be that process's children count, so the good
+    version is promoted all the same (without the check this test sees the canary rolled back)."""
+    from reuseport_standby import client
+    from reuseport_standby.outcomes import Outcomes
+
+    run, version = start(short_tmp, pin_root, GUNICORN)
+    fake: list[Any] = []
+
+    def pose(event: dict[str, Any]) -> None:
+        steps(event)
+        if event.get("step") != "started":
+            return
+        conn = client.connect(run.control)
+        reply, socks = client.request(conn, {"op": "hello", "role": "standby", "pid": os.getpid(),
+                                             "parent": event["pid"], "name": "gunicorn worker 1"})
+        for s in socks:
+            s.close()
+        fake.append(conn)
+
+        def beat() -> None:  # 500s that keep coming, so that every step's window sees them grow
+            bad = Outcomes()
+            for _ in range(100):  # at most 30 s
+                bad.counts["5xx"] += 100
+                bad.latency[-1] += 100
+                try:
+                    client.request(conn, {"op": "heartbeat", "outcomes": bad.to_wire()})
+                except (OSError, ReuseportStandbyError):
+                    return
+                time.sleep(0.3)
+
+        threading.Thread(target=beat, daemon=True).start()
+
+    try:
+        settled(run, version)
+        steps = Steps()
+        with Load("127.0.0.1", run.port, concurrency=4, duration=120, record_events=True) as load:
+            version.write_text("v2 good")
+            result = request_reload(run.service, run.control, timeout=180, progress=pose,
+                                    options={"canary": CANARY})
+            load.stop()
+        print(f"\n{load.result.summary()}\n{steps.text()}")
+        assert fake, "the fake worker said hello"
+        entry = [i for i in client.query(run.service, "status", run.control)["status"]["instances"]
+                 if i["pid"] == os.getpid()]
+        assert entry and entry[0]["parent_checked"] is False and entry[0]["requests"]["5xx"] >= 1000
+        assert [v["passed"] for v in result["canary"]["verdicts"]] == [True, True]
+        assert load.result.failed == 0, load.result.failures
+    finally:
+        for conn in fake:
+            conn.close()
         run.stop_and_check_nothing_left()

@@ -33,6 +33,7 @@ def status(broker: "Broker") -> dict[str, Any]:
         "instances": [
             {"id": i.id, "role": i.role.value if i.role else None, "pid": i.pid, "uid": i.uid, "name": i.name,
              "state": i.state.value, "since": round(i.since, 3), "scope": i.scope.value, "parent": i.parent,
+             "parent_checked": i.parent_checked,
              "slots": {str(a): s for a, s in i.slots.items()},
              "queues": {str(a): queue_dict(queues.get(c)) for a, c in i.cookies.items()},
              "heartbeat_age_s": round(now - i.last_heartbeat, 2) if i.heartbeat else None,
