@@ -41,8 +41,10 @@ def draw(events: Sequence[tuple[float, str, str]], marks: Sequence[tuple[float, 
         bottom = [b + v for b, v in zip(bottom, ok[who])]
     for who, label, colour in groups:
         if any(errors[who]):
-            ax.bar(xs, errors[who], width=bucket, align="edge", bottom=bottom, color=colour, hatch="////",
-                   edgecolor="#d62728", label=f"error responses ({who})")
+            at = [i for i in range(n) if errors[who][i]]  # only where there are some: an empty bar still has an edge
+            ax.bar([xs[i] for i in at], [errors[who][i] for i in at], width=bucket, align="edge",
+                   bottom=[bottom[i] for i in at], color=colour, hatch="////", edgecolor="#d62728",
+                   label=f"error responses ({who})")
             bottom = [b + v for b, v in zip(bottom, errors[who])]
     if any(failed):
         ax.bar(xs, failed, width=bucket, align="edge", bottom=bottom, color="#d62728", label="failed")
