@@ -13,23 +13,19 @@ import asyncio
 import io
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from reuseport_standby.canary import instance_outcomes
-from conftest import free_port
 from helpers.procs import REPO, SupervisorProc, wait_for
-from helpers.servers import APPS, BIN, InstanceProc, gunicorn_cmd
-
-from reuseport_standby import client, health_check
-from reuseport_standby.errors import ProtocolError, SupervisorUnavailable
+from helpers.runs import Run
+from helpers.servers import APPS, InstanceProc, gunicorn_cmd
+from reuseport_standby import health_check
+from reuseport_standby.canary import instance_outcomes
 from reuseport_standby.kernel.sockets import Address
 from reuseport_standby.loadgen import Load, exchange
 
@@ -323,48 +319,13 @@ def test_a_health_check_that_raises_keeps_the_instance_out_and_says_why_once(sup
 
 # -- run --health-path: a reload whose new instance never gets healthy rolls back ---------------------
 
-class Run:
-    """``reuseport-standby run --health-path /healthz`` of the health app under gunicorn."""
-
-    def __init__(self, tmp: Path, pin_root: Path, env: dict[str, str]) -> None:
-        self.service = f"h{uuid.uuid4().hex[:8]}"
-        self.control = str(tmp / f"{self.service}.sock")
-        self.port = free_port()
-        self.log_path = tmp / f"{self.service}.log"
-        cmd = [sys.executable, "-m", "reuseport_standby", "run", "--service", self.service,
-               "--bind", f"127.0.0.1:{self.port}", "--control", self.control, "--pin-root", str(pin_root),
-               "--ready-timeout", "8", "--stop-timeout", "5", "--health-path", "/healthz",
-               "--", "gunicorn", "-w", "2", "--graceful-timeout", "5", "health_app:app"]
-        e = {**os.environ, **env, "PYTHONPATH": f"{APPS}:{REPO}", "XDG_RUNTIME_DIR": str(tmp)}
-        e["PATH"] = f"{BIN}:{e.get('PATH', '')}"
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.DEVNULL,
-                                     stderr=open(self.log_path, "wb"), start_new_session=True)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def active(self) -> dict[str, int]:
-        try:
-            found = client.query(self.service, "status", self.control, timeout=2)["status"]["instances"]
-        except (SupervisorUnavailable, ProtocolError, OSError):
-            return {}
-        return {i["role"]: i["pid"] for i in found if i["state"] == "active"}
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-
-
 @pytest.mark.kernel
 def test_run_health_path_rolls_back_a_reload_whose_new_version_is_unhealthy(short_tmp: Path, pin_root: Path) -> None:
     version = short_tmp / "version"
     version.write_text("healthy")
-    run = Run(short_tmp, pin_root, {"RS_TEST_HEALTH_VERSION": str(version)})
+    run = Run(short_tmp, pin_root, ["gunicorn", "-w", "2", "--graceful-timeout", "5", "health_app:app"],
+              env={"RS_TEST_HEALTH_VERSION": str(version), "XDG_RUNTIME_DIR": str(short_tmp)},
+              args=("--ready-timeout", "8", "--stop-timeout", "5", "--health-path", "/healthz"))
     try:
         before = wait_for(lambda: (a := run.active()) and set(a) == {"primary", "standby"} and a, 60, 0.1,
                           what=f"both active\n{run.log()[-3000:]}")

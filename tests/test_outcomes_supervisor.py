@@ -12,13 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import free_port
-from helpers.fake_kernel import FakeKernel
-from reuseport_standby import client as client_mod
+from helpers.fake_kernel import memory_broker
 from reuseport_standby import protocol
-from reuseport_standby.client import InstanceClient, app_version, connect, request
+from reuseport_standby.client import InstanceClient, app_version, request
 from reuseport_standby.errors import ProtocolError
-from reuseport_standby.kernel.sockets import Address
 from reuseport_standby.outcomes import BUCKETS, MAX_COUNT, Outcomes
 from reuseport_standby.supervisor.broker import Broker
 from reuseport_standby.supervisor.registry import Instance
@@ -84,17 +81,8 @@ def test_version_from_the_environment() -> None:
 
 @pytest.fixture
 def broker():
-    b = Broker("outcomes", [Address("127.0.0.1", free_port())], backlog=16, open_group=FakeKernel().open_group,
-               queues=dict, stall_timeout=0)
-    b.open()
-    held: list[socket.socket] = []
-    b.held = held  # type: ignore[attr-defined]
-    yield b
-    for s in held:
-        s.close()
-    for inst in b.registry:
-        b.close_pending(inst)
-    b.close()
+    with memory_broker("outcomes", addresses=1) as b:
+        yield b
 
 
 def hello(b: Broker, **fields: object) -> Instance:

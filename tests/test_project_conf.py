@@ -10,8 +10,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
-
 from helpers.procs import REPO
 from helpers.servers import BIN, InstanceProc, worker_pids
 

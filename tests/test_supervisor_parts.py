@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import free_port
-from helpers.fake_kernel import FakeKernel
+from helpers.fake_kernel import FakeKernel, memory_broker
 from reuseport_standby import cli, protocol
 from reuseport_standby.errors import ProtocolError, SlotsFull
 from reuseport_standby.kernel.layout import Config, Role
@@ -123,17 +123,8 @@ def test_options_refuse_what_cannot_work(change: dict, message: str) -> None:
 
 @pytest.fixture
 def broker():
-    addresses = [Address("127.0.0.1", free_port()), Address("127.0.0.1", free_port())]
-    b = Broker("parts", addresses, backlog=16, open_group=FakeKernel().open_group, queues=dict, stall_timeout=0)
-    b.open()
-    held: list[socket.socket] = []
-    b.held = held  # type: ignore[attr-defined]
-    yield b
-    for s in held:
-        s.close()
-    for inst in b.registry:
-        b.close_pending(inst)
-    b.close()
+    with memory_broker("parts", addresses=2) as b:
+        yield b
 
 
 def hello(b: Broker, role: str = "primary", uid: int = USER, **fields: object) -> Instance:

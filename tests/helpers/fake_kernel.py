@@ -11,12 +11,17 @@ the kernel's own answers.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterator
 
 from reuseport_standby.kernel.layout import Config, Counter
 from reuseport_standby.kernel.sockets import socket_cookie
+
+if TYPE_CHECKING:
+    from reuseport_standby.supervisor.broker import Broker
 
 
 @dataclass
@@ -96,3 +101,27 @@ class FakeKernel:
     def socket_closed(self, cookie: int) -> None:
         for g in self.groups.values():
             g.socket_closed(cookie)
+
+
+@contextlib.contextmanager
+def memory_broker(service: str, addresses: int = 1) -> Iterator["Broker"]:
+    """A Broker on free loopback ports with the in-memory kernel; ``b.held`` keeps the listeners a test's
+    hellos received, closed afterwards with everything the broker holds."""
+    from reuseport_standby.kernel.sockets import Address
+    from reuseport_standby.supervisor.broker import Broker
+
+    from .netutil import free_port
+
+    b = Broker(service, [Address("127.0.0.1", free_port()) for _ in range(addresses)], backlog=16,
+               open_group=FakeKernel().open_group, queues=dict, stall_timeout=0)
+    b.open()
+    held: list[socket.socket] = []
+    b.held = held  # type: ignore[attr-defined]
+    try:
+        yield b
+    finally:
+        for s in held:
+            s.close()
+        for inst in b.registry:
+            b.close_pending(inst)
+        b.close()
