@@ -577,7 +577,12 @@ class Runner:
         if job is None:
             return
         if job.options.canary is not None:
-            self._step_canary(job)
+            try:
+                self._step_canary(job)
+            except Exception as exc:  # a fault of ours rolls the canary back; it never ends `run`
+                log.exception("the canary reload failed")
+                if self.reload_job is job:
+                    self._canary_rollback(job, f"an internal error: {type(exc).__name__}: {exc}")
             return
         role = job.roles[0]
         now = time.monotonic()
@@ -654,7 +659,11 @@ class Runner:
                 if job.old is not None and not job.old.reaped:
                     # The new standby alone holds the standby's share: the old one stays, out of the table,
                     # to be undrained if the canary fails.
-                    self._admin({"op": "drain", "role": "standby", "pid": job.old.pid})
+                    try:
+                        self._admin({"op": "drain", "role": "standby", "pid": job.old.pid})
+                    except (ReuseportStandbyError, OSError) as exc:
+                        self._canary_rollback(job, f"the old standby could not be drained: {exc}")
+                        return
                     job.old_drained = True
                 self._canary_begin_step(job, 0)
             elif now > job.deadline:
