@@ -29,18 +29,9 @@ from typing import Callable
 from .names import ENV_ROLE
 from . import client
 from .errors import ReuseportStandbyError, SupervisorUnavailable
-from .kernel.pins import DEFAULT_PIN_ROOT
+from .kernel.pins import DEFAULT_PIN_ROOT, remove_tree
 from .loadgen import Load, LoadResult
 from .run_client import request_reload
-
-
-def _remove_pins(path: Path) -> None:
-    """bpffs has no recursive removal: unlink bottom-up."""
-    if not path.is_dir():
-        return
-    for child in path.iterdir():
-        _remove_pins(child) if child.is_dir() else child.unlink()
-    path.rmdir()
 
 
 def free_port() -> int:
@@ -274,7 +265,7 @@ def demo(duration: float = 20.0, server: str = "gunicorn", baseline: bool = Fals
     finally:
         contender.stop()
         if isinstance(contender, WithStandby):
-            _remove_pins(Path(DEFAULT_PIN_ROOT) / contender.service)  # a demo leaves nothing pinned behind
+            remove_tree(Path(DEFAULT_PIN_ROOT) / contender.service)  # a demo leaves nothing pinned behind
     png = out or Path(tempfile.gettempdir()) / f"reuseport-standby-demo{'-baseline' if baseline else ''}.png"
     report(result, contender.name, png, marks)
     if drawing:

@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .demo import PICTURE_HINT, WithStandby, _remove_pins, can_draw, free_port, say
+from .demo import PICTURE_HINT, WithStandby, can_draw, free_port, say
 from .demo_app import VERSION_FILE
 from .errors import ReuseportStandbyError
-from .kernel.pins import DEFAULT_PIN_ROOT
+from .kernel.pins import DEFAULT_PIN_ROOT, remove_tree
 from .loadgen import Load, LoadResult
 from .run_client import CanaryFailed, request_reload
 
@@ -79,7 +79,7 @@ def demo_canary(step: float = 4.0, server: str = "gunicorn", concurrency: int = 
         result = load.stop()
     finally:
         run.stop()
-        _remove_pins(Path(DEFAULT_PIN_ROOT) / run.service)
+        remove_tree(Path(DEFAULT_PIN_ROOT) / run.service)
     png = out or Path(tempfile.gettempdir()) / "reuseport-standby-demo-canary.png"
     connection_failures = _report(result, outcome)
     if drawing:
